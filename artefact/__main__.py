@@ -1,0 +1,5 @@
+import sys
+
+from artefact.cli import main
+
+sys.exit(main())

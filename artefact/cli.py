@@ -1,0 +1,107 @@
+"""``python -m artefact``: prepare data, generate synthetic data, download, train once."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from artefact.errors import UserError
+
+DEFAULT_WORKSPACE = Path("data")
+
+
+def run_cli(main: Callable[[], int]) -> int:
+    """Print a UserError as one line without a traceback and exit with code 2."""
+    try:
+        return main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m artefact", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prepare = commands.add_parser("prepare", help="build a training cache from parquet shards or a folder")
+    prepare.add_argument("--source", type=Path, required=True, help="parquet shards folder or folder layout")
+    prepare.add_argument("--out", type=Path, required=True, help="cache folder to create (or reuse)")
+    prepare.add_argument("--max-side", type=int, default=512, help="longest image side in the cache (px)")
+    prepare.add_argument("--val-fraction", type=float, default=0.2)
+    prepare.add_argument("--holdout", help="leave one group out: material=<value> or content=<value>")
+    prepare.add_argument("--augment-copies", type=int, default=0, help="offline flip/rot90 copies on the train side")
+    prepare.add_argument("--split-seed", type=int, default=0)
+    prepare.add_argument("--max-pixels", type=int, default=250_000_000, help="decompression-bomb bound")
+
+    synth = commands.add_parser("synth", help="write a synthetic ARTeFACT-shaped data set")
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--count", type=int, default=48)
+    synth.add_argument("--layout", choices=("folder", "parquet"), default="folder")
+    synth.add_argument("--seed", type=int, default=0)
+
+    download = commands.add_parser("download", help="fetch the ARTeFACT parquet shards from the Hugging Face hub")
+    download.add_argument("--out", type=Path, required=True)
+
+    train = commands.add_parser("train", help="one training run in this process (no Ray)")
+    train.add_argument("--config", type=Path, help="YAML config (a profile from sweeps/ works too)")
+    train.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.epochs=5 model.arch=upernet")
+    train.add_argument("--out", type=Path, default=Path("results/train"), help="checkpoints and resolved config")
+    train.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE, help="where data caches live")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/latest/checkpoint.pt")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return run_cli(lambda: _dispatch(args))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "prepare":
+        from artefact.config import DataConfig
+        from artefact.data.prepare import params_from, prepare
+
+        data = DataConfig(
+            max_side=args.max_side,
+            val_fraction=args.val_fraction,
+            holdout=args.holdout,
+            augment_copies=args.augment_copies,
+            split_seed=args.split_seed,
+            max_pixels=args.max_pixels,
+            resolution=32,
+        )
+        prepare(args.source, args.out, params_from(data))
+    elif args.command == "synth":
+        from artefact.data.synthetic import generate
+
+        generate(args.out, count=args.count, layout=args.layout, seed=args.seed)
+        print(f"wrote {args.count} synthetic samples to {args.out} ({args.layout} layout)")
+    elif args.command == "download":
+        from artefact.data.parquet import download
+
+        print(f"downloaded to {download(args.out)}")
+    elif args.command == "train":
+        _train(args)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> None:
+    from artefact.checkpoint import CHECKPOINT_FILE
+    from artefact.config import dump_yaml, load_config
+    from artefact.data.prepare import ensure_cache
+    from artefact.loop import LocalReporter, train
+
+    cfg = load_config(args.config, args.overrides)
+    resume = args.out / "latest" / CHECKPOINT_FILE
+    if args.resume and not resume.is_file():
+        raise UserError(f"--resume: no checkpoint at {resume}; run without --resume first.")
+    cache = ensure_cache(cfg.data, args.workspace)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "config.yaml").write_text(dump_yaml(cfg))
+    metrics = train(cfg, cache, LocalReporter(args.out), resume_from=resume if args.resume else None)
+    print(f"done: val/miou_fine {metrics.get('val/miou_fine', float('nan')):.4f}; checkpoints in {args.out}")

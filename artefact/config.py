@@ -1,0 +1,366 @@
+"""Typed, frozen configuration loaded from YAML, with ``a.b=value`` overrides.
+
+One tree covers a single training run (data, model, loss, train) and a sweep (sweep,
+resources). Every error names the field and the allowed values, so a typo in a profile
+fails before any cluster starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from artefact.errors import UserError
+from artefact.taxonomy import HEADS
+
+ARCHS = ("unet", "upernet")
+AMP_MODES = ("auto", "fp16", "bf16", "off")
+DEVICES = ("auto", "cpu", "cuda")
+SWEEP_MODES = ("search", "fair")
+SCHEDULERS = ("asha", "none")
+HOLDOUT_FIELDS = ("material", "content")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str | None = None
+    """A raw source (parquet shards or folder layout) or a prepared cache; None = synthetic."""
+    resolution: int = 64
+    """Side of the square training crops and validation tiles; a multiple of 32."""
+    max_side: int = 512
+    """prepare shrinks images so that their longer side is at most this."""
+    val_fraction: float = 0.2
+    holdout: str | None = None
+    """Leave-one-group-out: 'material=Paper' or 'content=Line art' becomes the validation side."""
+    augment_copies: int = 0
+    """Offline flipped/rotated copies (0..3) added to the training side only."""
+    split_seed: int = 0
+    crops_per_image: int = 1
+    """Random training crops drawn from each training image per epoch."""
+    in_memory: bool = False
+    """Keep the decoded cache in RAM instead of reading memory-mapped files each epoch."""
+    num_workers: int = 0
+    max_pixels: int = 250_000_000
+
+    def __post_init__(self) -> None:
+        _check(
+            self.resolution >= 32 and self.resolution % 32 == 0,
+            "data.resolution",
+            self.resolution,
+            "a positive multiple of 32 (e.g. 256, 384)",
+        )
+        _check(
+            self.max_side >= self.resolution, "data.max_side", self.max_side, f">= data.resolution ({self.resolution})"
+        )
+        _check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "a number between 0 and 1")
+        _check(0 <= self.augment_copies <= 3, "data.augment_copies", self.augment_copies, "0, 1, 2 or 3")
+        _check(self.crops_per_image >= 1, "data.crops_per_image", self.crops_per_image, ">= 1")
+        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, ">= 0")
+        _check(self.max_pixels > 0, "data.max_pixels", self.max_pixels, "> 0")
+        if self.holdout is not None:
+            key, _, value = self.holdout.partition("=")
+            _check(
+                key in HOLDOUT_FIELDS and bool(value),
+                "data.holdout",
+                self.holdout,
+                "'material=<value>' or 'content=<value>'",
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "unet"
+    encoder: str = "tu-test_convnext"
+    """Any timm model as 'tu-<name>', a bare timm name, or an alias such as convnext_tiny."""
+    heads: tuple[str, ...] = ("binary", "coarse", "fine")
+    pretrained: bool | str = False
+    """False, True (timm weights from the hub) or a path to a local weights file."""
+
+    def __post_init__(self) -> None:
+        _check(self.arch in ARCHS, "model.arch", self.arch, ARCHS)
+        _check(
+            len(self.heads) > 0 and set(self.heads) <= set(HEADS) and len(set(self.heads)) == len(self.heads),
+            "model.heads",
+            list(self.heads),
+            f"a non-empty subset of {list(HEADS)}",
+        )
+        _check("fine" in self.heads, "model.heads", list(self.heads), "a list that includes 'fine'")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    binary: float = 0.2
+    coarse: float = 0.3
+    fine: float = 0.5
+
+    def __post_init__(self) -> None:
+        for head in HEADS:
+            _check(getattr(self, head) >= 0, f"loss.{head}", getattr(self, head), "a weight >= 0")
+
+    def weights(self, heads: tuple[str, ...]) -> dict[str, float]:
+        """The weights of the model's heads, normalised to sum to 1."""
+        raw = {head: getattr(self, head) for head in heads}
+        total = sum(raw.values())
+        _check(total > 0, "loss", raw, "weights whose sum over the model's heads is > 0")
+        return {head: weight / total for head, weight in raw.items()}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    amp: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    steps_per_epoch: int | None = None
+    """Cap on training steps per epoch, for smoke runs; None = one pass over the data."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, ">= 1")
+        _check(self.lr > 0, "train.lr", self.lr, "> 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
+        _check(self.grad_clip > 0, "train.grad_clip", self.grad_clip, "> 0")
+        _check(self.amp in AMP_MODES, "train.amp", self.amp, AMP_MODES)
+        _check(self.device in DEVICES, "train.device", self.device, DEVICES)
+        _check(
+            self.steps_per_epoch is None or self.steps_per_epoch >= 1,
+            "train.steps_per_epoch",
+            self.steps_per_epoch,
+            "null or >= 1",
+        )
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    mode: str = "search"
+    """search: Optuna TPE + early stopping; fair: every encoder with the same config and N seeds."""
+    encoders: tuple[str, ...] = ("tu-test_convnext", "tu-test_resnet")
+    trials: int = 4
+    """search: number of trials. fair: ignored (encoders x seeds)."""
+    seeds: int = 1
+    """fair: seeds per encoder."""
+    batch_sizes: tuple[int, ...] = (4, 8)
+    lr_min: float = 3e-4
+    lr_max: float = 3e-3
+    search_loss_weights: bool = True
+    scheduler: str = "asha"
+    grace_period: int = 1
+    reduction_factor: int = 2
+    metric: str = "val/miou_fine"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.mode in SWEEP_MODES, "sweep.mode", self.mode, SWEEP_MODES)
+        _check(len(self.encoders) > 0, "sweep.encoders", list(self.encoders), "a non-empty list of encoder names")
+        _check(self.trials >= 1, "sweep.trials", self.trials, ">= 1")
+        _check(self.seeds >= 1, "sweep.seeds", self.seeds, ">= 1")
+        _check(
+            len(self.batch_sizes) > 0 and min(self.batch_sizes) >= 1,
+            "sweep.batch_sizes",
+            list(self.batch_sizes),
+            "a non-empty list of sizes >= 1",
+        )
+        _check(0 < self.lr_min <= self.lr_max, "sweep.lr_min", self.lr_min, f"> 0 and <= sweep.lr_max ({self.lr_max})")
+        _check(self.scheduler in SCHEDULERS, "sweep.scheduler", self.scheduler, SCHEDULERS)
+        _check(self.grace_period >= 1, "sweep.grace_period", self.grace_period, ">= 1")
+        _check(self.reduction_factor >= 2, "sweep.reduction_factor", self.reduction_factor, ">= 2")
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    workers_per_trial: int = 1
+    """Ray Train workers (DDP ranks) per trial."""
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    """Fractions below 1 pack several trials onto one GPU."""
+    gpu_memory_gb: float | None = None
+    """Memory of one GPU, to refuse batch sizes that cannot fit before the sweep starts."""
+
+    def __post_init__(self) -> None:
+        _check(self.workers_per_trial >= 1, "resources.workers_per_trial", self.workers_per_trial, ">= 1")
+        _check(self.cpus_per_worker > 0, "resources.cpus_per_worker", self.cpus_per_worker, "> 0")
+        _check(self.gpus_per_worker >= 0, "resources.gpus_per_worker", self.gpus_per_worker, ">= 0")
+        _check(
+            self.gpus_per_worker <= 1 or self.gpus_per_worker == int(self.gpus_per_worker),
+            "resources.gpus_per_worker",
+            self.gpus_per_worker,
+            "a fraction <= 1 or a whole number",
+        )
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def __post_init__(self) -> None:
+        self.loss.weights(self.model.heads)
+        if self.model.arch == "upernet":
+            _check(
+                self.train.batch_size >= 2,
+                "train.batch_size",
+                self.train.batch_size,
+                ">= 2 with model.arch=upernet (its pyramid pooling BatchNorm needs 2+ samples)",
+            )
+
+    def replace(self, **sections: dict[str, Any]) -> Config:
+        """A copy with some fields of some sections changed, validated like a loaded config."""
+        return from_dict(deep_merge(to_dict(self), sections))
+
+
+def _check(ok: bool, name: str, value: object, allowed: object) -> None:
+    if not ok:
+        raise UserError(f"config field {name} = {value!r} is invalid: expected {allowed}.")
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """A plain, YAML-ready dict (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def from_dict(raw: dict[str, Any], where: str = "config") -> Config:
+    return _build(Config, raw, where, "")
+
+
+def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: {prefix.rstrip('.') or 'the top level'} must be a mapping, got {raw!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else f" Known keys: {', '.join(names)}."
+            raise UserError(f"{where}: unknown config key {prefix}{key}.{hint}")
+        kwargs[key] = _coerce(hints[key], value, where, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(kind: Any, value: Any, where: str, name: str) -> Any:
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value, where, f"{name}.")
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(kind):
+            try:
+                return _coerce(option, value, where, name)
+            except UserError:
+                continue
+        raise UserError(f"{where}: {name} = {value!r} has the wrong type; expected {_describe(kind)}.")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where}: {name} = {value!r} must be a list.")
+        (item,) = typing.get_args(kind)[:1]
+        return tuple(_coerce(item, v, where, name) for v in value)
+    if kind is type(None):
+        if value is not None:
+            raise UserError(f"{where}: {name} = {value!r} must be null.")
+        return None
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: {name} = {value!r} must be true or false.")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}: {name} = {value!r} must be an integer.")
+        return value
+    if kind is float:
+        if isinstance(value, str):  # PyYAML reads 3e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"{where}: {name} = {value!r} must be a finite number.")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise UserError(f"{where}: {name} = {value!r} must be a string.")
+        return value
+    raise TypeError(f"unsupported config type {kind!r} for {name}")
+
+
+def _describe(kind: Any) -> str:
+    args = typing.get_args(kind)
+    return " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in args)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Safe YAML only: tags that would build Python objects are refused."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise UserError(f"cannot read config file {path}: {error.strerror}.") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: not valid safe YAML ({error}). Python object tags are not allowed.") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections (data, model, loss, train, ...).")
+    return raw
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """['train.epochs=5', 'model.heads=[fine]'] -> nested dict; values are parsed as YAML."""
+    result: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} must look like section.field=value, e.g. train.epochs=5.")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise UserError(f"override {item!r}: the value is not valid YAML.") from None
+        node = result
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return result
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> Config:
+    raw = read_yaml(path) if path is not None else {}
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    return from_dict(raw, str(path) if path else "config")
+
+
+def dump_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

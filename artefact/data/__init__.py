@@ -1,0 +1,1 @@
+"""Data: raw sources, the prepared cache, the split and the training Dataset."""

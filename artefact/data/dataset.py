@@ -1,0 +1,102 @@
+"""Datasets over a prepared cache.
+
+Training yields random crops at the training resolution with flips and rot90
+(albumentations). Validation yields whole images padded to a multiple of the resolution
+with ignored pixels, so every labelled pixel is scored and the loop can tile them for
+fixed-size encoders. Tensors stay uint8 here; normalisation happens on the device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from artefact.data.prepare import read_index
+from artefact.errors import UserError
+from artefact.taxonomy import IGNORE_INDEX
+
+
+class ArrayStore:
+    """Image and mask arrays by id: memory-mapped from the cache, or all decoded in RAM."""
+
+    def __init__(self, cache: Path, ids: list[str], in_memory: bool) -> None:
+        self.cache = cache
+        self._ram: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+        if in_memory:
+            self._ram = {sample_id: self._read(sample_id, None) for sample_id in ids}
+
+    def _read(self, sample_id: str, mmap_mode: str | None) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            image = np.load(self.cache / "images" / f"{sample_id}.npy", mmap_mode=mmap_mode)
+            mask = np.load(self.cache / "masks" / f"{sample_id}.npy", mmap_mode=mmap_mode)
+        except (OSError, ValueError) as error:
+            raise UserError(f"cache {self.cache}: cannot read {sample_id} ({error}); re-run prepare.") from None
+        return image, mask
+
+    def get(self, sample_id: str) -> tuple[np.ndarray, np.ndarray]:
+        if self._ram is not None:
+            return self._ram[sample_id]
+        return self._read(sample_id, "r")
+
+
+def load_split(cache: Path, split: str) -> list[dict]:
+    rows = [row for row in read_index(cache) if row["split"] == split]
+    if not rows:
+        raise UserError(f"cache {cache} has no {split} images; re-run prepare with other split options.")
+    return rows
+
+
+class TrainDataset(Dataset):
+    """``crops_per_image`` random crops of every training image per epoch."""
+
+    def __init__(self, cache: Path, resolution: int, crops_per_image: int = 1, in_memory: bool = False) -> None:
+        self.rows = load_split(cache, "train")
+        self.store = ArrayStore(cache, [r["id"] for r in self.rows], in_memory)
+        self.crops_per_image = crops_per_image
+        self.transform = A.Compose(
+            [
+                A.PadIfNeeded(resolution, resolution, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX),
+                A.RandomCrop(resolution, resolution),
+                A.HorizontalFlip(),
+                A.VerticalFlip(),
+                A.RandomRotate90(),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.rows) * self.crops_per_image
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.store.get(self.rows[index % len(self.rows)]["id"])
+        out = self.transform(image=np.asarray(image), mask=np.asarray(mask))
+        return torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))), torch.from_numpy(out["mask"])
+
+
+class ValDataset(Dataset):
+    """Whole validation images, padded with ignored pixels to a multiple of ``resolution``."""
+
+    def __init__(self, cache: Path, resolution: int, in_memory: bool = False) -> None:
+        self.rows = load_split(cache, "val")
+        self.store = ArrayStore(cache, [r["id"] for r in self.rows], in_memory)
+        self.resolution = resolution
+        self.materials = sorted({r["material"] for r in self.rows})
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        row = self.rows[index]
+        image, mask = self.store.get(row["id"])
+        height, width = mask.shape
+        padded_h = -(-height // self.resolution) * self.resolution
+        padded_w = -(-width // self.resolution) * self.resolution
+        padded_image = np.zeros((3, padded_h, padded_w), dtype=np.uint8)
+        padded_image[:, :height, :width] = np.asarray(image).transpose(2, 0, 1)
+        padded_mask = np.full((padded_h, padded_w), IGNORE_INDEX, dtype=np.uint8)
+        padded_mask[:height, :width] = mask
+        return torch.from_numpy(padded_image), torch.from_numpy(padded_mask), self.materials.index(row["material"])

@@ -1,0 +1,153 @@
+"""ARTeFACT parquet shards in the Hugging Face layout, and their download.
+
+Each image column is the ``datasets`` Image feature: a struct ``{bytes, path}``. Shards
+are read one row at a time so a 100+ MP image never shares memory with its neighbours.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from artefact.data.sample import DEFAULT_MAX_PIXELS, Sample, check_id, open_image
+from artefact.errors import UserError
+
+HF_REPO = "danielaivanova/damaged-media"
+REQUIRED_COLUMNS = ("id", "image", "annotation", "material", "content")
+_IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image", _IMAGE_STRUCT),
+        ("annotation", _IMAGE_STRUCT),
+        ("annotation_rgb", _IMAGE_STRUCT),
+        ("material", pa.string()),
+        ("content", pa.string()),
+        ("type", pa.string()),
+        ("damage_description", pa.string()),
+        ("llava_description", pa.string()),
+        ("verified_description", pa.string()),
+    ]
+)
+_HF_FEATURES = {
+    name: ({"_type": "Image"} if pa.types.is_struct(field.type) else {"dtype": "string", "_type": "Value"})
+    for name, field in zip(SCHEMA.names, SCHEMA, strict=True)
+}
+
+
+def shard_paths(root: Path) -> list[Path]:
+    """The parquet shards under a folder (``data/train-*.parquet`` or any ``*.parquet``)."""
+    if root.is_file():
+        return [root] if root.suffix == ".parquet" else []
+    return sorted(root.rglob("*.parquet"))
+
+
+def read_parquet(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Sample]:
+    """Yield samples from every shard, one row in memory at a time."""
+    for shard in shard_paths(root):
+        try:
+            parquet = pq.ParquetFile(shard)
+        except (pa.ArrowException, OSError) as error:
+            raise UserError(f"{shard}: not a readable parquet file ({error}); re-download the shard.") from None
+        missing = [c for c in REQUIRED_COLUMNS if c not in parquet.schema_arrow.names]
+        if missing:
+            raise UserError(
+                f"{shard}: missing column(s) {missing}; ARTeFACT shards have {', '.join(REQUIRED_COLUMNS)}."
+            )
+        for column in ("image", "annotation"):
+            if not pa.types.is_struct(parquet.schema_arrow.field(column).type):
+                raise UserError(f"{shard}: column {column!r} must be an Image struct {{bytes, path}}.")
+        try:
+            for row_number, row in enumerate(_rows(parquet)):
+                yield _sample(row, f"{shard} row {row_number}", max_pixels)
+        except (pa.ArrowException, OSError) as error:
+            raise UserError(f"{shard}: the file is truncated or corrupt ({error}); re-download the shard.") from None
+
+
+def _rows(parquet: pq.ParquetFile) -> Iterator[dict]:
+    for batch in parquet.iter_batches(batch_size=1, columns=list(REQUIRED_COLUMNS)):
+        yield from batch.to_pylist()
+
+
+def _sample(row: dict, where: str, max_pixels: int) -> Sample:
+    sample_id = check_id(row["id"], where)
+    images = {}
+    for column in ("image", "annotation"):
+        cell = row[column]
+        if not cell or not cell.get("bytes"):
+            raise UserError(f"{where} (id {sample_id}): column {column!r} has no image bytes.")
+        images[column] = open_image(cell["bytes"], f"{where} (id {sample_id}) {column}", max_pixels)
+    return Sample(
+        id=sample_id,
+        image=images["image"],
+        mask=images["annotation"],
+        material=row["material"] or "unknown",
+        content=row["content"] or "unknown",
+        group=sample_id,
+    )
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class ParquetWriter:
+    """Writes samples as ARTeFACT-schema shards (``data/train-000NN-of-000MM.parquet``)."""
+
+    def __init__(self, root: Path, rows_per_shard: int = 16) -> None:
+        self.root = root
+        self.rows_per_shard = rows_per_shard
+        self._rows: list[dict] = []
+
+    def add(self, sample_id: str, image: Image.Image, mask: Image.Image, material: str, content: str) -> None:
+        check_id(sample_id, str(self.root))
+        rgb_mask = mask.convert("RGB")
+        self._rows.append(
+            {
+                "id": sample_id,
+                "image": {"bytes": _png_bytes(image), "path": f"{sample_id}.png"},
+                "annotation": {"bytes": _png_bytes(mask), "path": f"{sample_id}_annotation.png"},
+                "annotation_rgb": {"bytes": _png_bytes(rgb_mask), "path": f"{sample_id}_rgb.png"},
+                "material": material,
+                "content": content,
+                "type": "synthetic",
+                "damage_description": "",
+                "llava_description": "",
+                "verified_description": "",
+            }
+        )
+
+    def close(self) -> None:
+        data = self.root / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        chunks = [self._rows[i : i + self.rows_per_shard] for i in range(0, len(self._rows), self.rows_per_shard)]
+        metadata = {b"huggingface": json.dumps({"info": {"features": _HF_FEATURES}}).encode()}
+        for index, chunk in enumerate(chunks):
+            table = pa.Table.from_pylist(chunk, schema=SCHEMA.with_metadata(metadata))
+            pq.write_table(table, data / f"train-{index:05d}-of-{len(chunks):05d}.parquet", row_group_size=4)
+
+
+def download(out: Path) -> Path:
+    """Fetch the ARTeFACT shards from the Hugging Face hub into ``out``."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:
+        raise UserError("download needs huggingface_hub: pip install huggingface_hub") from None
+    try:
+        snapshot_download(HF_REPO, repo_type="dataset", local_dir=out, allow_patterns=["data/*.parquet", "README.md"])
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
+        raise UserError(
+            f"could not download {HF_REPO} into {out}: {type(error).__name__}: {error}. This machine may"
+            " have no route to the Hugging Face hub: download the data/*.parquet shards elsewhere and pass"
+            " their folder to `prepare --source`."
+        ) from None
+    return out

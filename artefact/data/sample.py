@@ -1,0 +1,118 @@
+"""The record every raw source yields, and the checks applied to it.
+
+Images stay lazily opened PIL images so that ``prepare`` can decode one at a time and
+shrink large ones while decoding, instead of holding a whole data set in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from artefact.errors import UserError
+from artefact.taxonomy import VALID_MASK_VALUES
+
+DEFAULT_MAX_PIXELS = 250_000_000
+"""The largest ARTeFACT image is ~133 MP and its card allows ~244 MP; refuse beyond this."""
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+@dataclass
+class Sample:
+    """One annotated artwork: a lazily opened image and index mask plus metadata."""
+
+    id: str
+    image: Image.Image
+    mask: Image.Image
+    material: str
+    content: str
+    group: str
+    """The source image this sample comes from; a split never separates one group."""
+
+
+def check_id(sample_id: object, where: str) -> str:
+    """Ids become file names, so only plain names are accepted (no paths, no NUL)."""
+    if not isinstance(sample_id, str) or not _SAFE_ID.match(sample_id) or ".." in sample_id:
+        raise UserError(
+            f"{where}: id {sample_id!r} is not a safe file name. Ids may use letters, digits,"
+            " '.', '_' and '-' only (no path separators, '..' or NUL bytes); rename the row."
+        )
+    return sample_id
+
+
+@contextlib.contextmanager
+def _pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Raise Pillow's decompression-bomb bound for one open call, never disable it."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def open_image(source: Path | bytes, where: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open (not decode) an image, with a clear error for corrupt files and bombs."""
+    handle = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with _pixel_limit(max_pixels):
+            image = Image.open(handle)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UserError(
+            f"{where}: the image declares more than {max_pixels:,} pixels ({error}). If it is"
+            " genuine, raise data.max_pixels (prepare --max-pixels)."
+        ) from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise UserError(f"{where}: cannot read the image ({error}); replace or remove the file.") from None
+    if image.width * image.height > max_pixels:
+        raise UserError(
+            f"{where}: the image is {image.width}x{image.height}, above the bound of"
+            f" {max_pixels:,} pixels; raise data.max_pixels (prepare --max-pixels) if it is genuine."
+        )
+    return image
+
+
+def decode(image: Image.Image, where: str) -> Image.Image:
+    """Force decoding, turning truncated or corrupt data into a UserError."""
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise UserError(f"{where}: the image data is corrupt or truncated ({error}); replace the file.") from None
+    return image
+
+
+def check_mask(mask: Image.Image, image_size: tuple[int, int], where: str) -> None:
+    """An index mask: one channel, the image's size (checked before decoding)."""
+    if mask.mode not in ("L", "P"):
+        raise UserError(
+            f"{where}: the annotation has mode {mask.mode!r}, but a single-channel index mask"
+            " (mode 'L') is expected. Use the `annotation` column, not `annotation_rgb`."
+        )
+    if mask.size != image_size:
+        raise UserError(
+            f"{where}: the annotation is {mask.size[0]}x{mask.size[1]} but the image is"
+            f" {image_size[0]}x{image_size[1]}; they must match pixel for pixel."
+        )
+
+
+def check_mask_values(mask: Image.Image, where: str) -> None:
+    """Mask values must be class ids 0..15 or the Background index 255.
+
+    Pillow's histogram counts values without copying a (possibly 200 MP) mask.
+    """
+    bad = [value for value, count in enumerate(mask.histogram()[:256]) if count and value not in VALID_MASK_VALUES]
+    if bad:
+        raise UserError(
+            f"{where}: the annotation holds values {bad[:10]} outside 0..15 and 255 (Background);"
+            " fix the mask: values are class ids, not colours."
+        )

@@ -1,0 +1,66 @@
+"""Device, AMP and memory decisions, made once at start-up with clear errors."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+from artefact.errors import UserError
+
+V100_INSTALL_HINT = "pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cu126"
+
+
+def select_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device = 'cuda' but no CUDA GPU is visible; use device: auto or cpu.")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        check_gpu_supported(device)
+    return device
+
+
+def check_gpu_supported(device: torch.device) -> None:
+    """A V100 (sm_70) under a CUDA 13 build fails deep inside the first kernel; fail here instead."""
+    major, minor = torch.cuda.get_device_capability(device)
+    arch_list = torch.cuda.get_arch_list()
+    supported = f"sm_{major}{minor}" in arch_list or any(
+        a.startswith("compute_") and int(a.removeprefix("compute_")) <= major * 10 + minor for a in arch_list
+    )
+    if not supported:
+        raise UserError(
+            f"the GPU {torch.cuda.get_device_name(device)} is sm_{major}{minor}, but this torch "
+            f"{torch.__version__} (CUDA {torch.version.cuda}) supports only {', '.join(arch_list)}. "
+            f"Install a build for it, e.g. for a V100: {V100_INSTALL_HINT}"
+        )
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """auto: bf16 on sm_80+, fp16 (with a GradScaler) on older GPUs, off on the CPU."""
+    if mode == "off":
+        return None
+    if mode == "fp16":
+        return torch.float16
+    if mode == "bf16":
+        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+            raise UserError("train.amp = 'bf16' needs an sm_80+ GPU (a V100 has no useful bf16); use fp16 or auto.")
+        return torch.bfloat16
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """GPU: peak allocated since the last reset. CPU: the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10

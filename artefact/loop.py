@@ -1,0 +1,358 @@
+"""The AMP training loop: plain PyTorch, usable with or without Ray.
+
+It reports each epoch's metrics and checkpoint through a ``Reporter``, so Ray Train,
+a test and the single-run CLI all drive the same code. Under DDP (a process group is
+already initialised, e.g. by Ray Train) it shards the data and sums confusion counts
+across ranks; only rank 0 writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from artefact.checkpoint import CHECKPOINT_FILE, copy_atomic, load_checkpoint, save_checkpoint
+from artefact.config import Config
+from artefact.data.dataset import TrainDataset, ValDataset
+from artefact.errors import UserError
+from artefact.hardware import amp_dtype, peak_memory_mb, reset_peak_memory, select_device
+from artefact.losses import multitask_loss
+from artefact.metrics import confusion_matrix, iou_per_class, mean_iou
+from artefact.models import build_model, count_parameters
+from artefact.taxonomy import FINE_NAMES, HEAD_CLASS_NAMES, HEAD_LUTS
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Reporter(Protocol):
+    """Receives one epoch's metrics and, on rank 0, a folder holding its checkpoint.
+
+    The folder is temporary: a reporter that wants to keep it must copy it before returning.
+    """
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None: ...
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the trial stops at once instead of wasting epochs."""
+
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> Ranks:
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None = None) -> dict[str, float]:
+    """Train ``cfg`` on a prepared cache; returns the last epoch's metrics."""
+    ranks = Ranks.current()
+    _seed_everything(cfg.train.seed + ranks.rank)
+    device = select_device(cfg.train.device)
+    if device.type == "cuda" and ranks.distributed:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = amp_dtype(cfg.train.amp, device)
+    weights = cfg.loss.weights(cfg.model.heads)
+
+    model = build_model(cfg.model, cfg.data.resolution).to(device)
+    parameters = count_parameters(model)
+    net: nn.Module = DistributedDataParallel(model) if ranks.distributed else model
+
+    train_set = TrainDataset(cache, cfg.data.resolution, cfg.data.crops_per_image, cfg.data.in_memory)
+    val_set = ValDataset(cache, cfg.data.resolution, cfg.data.in_memory)
+    train_loader = _train_loader(cfg, train_set, ranks, device)
+    steps_per_epoch = min(len(train_loader), cfg.train.steps_per_epoch or len(train_loader))
+    val_shard = Subset(val_set, list(range(ranks.rank, len(val_set), ranks.world)))
+    val_loader = DataLoader(val_shard, batch_size=1, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.train.lr, total_steps=cfg.train.epochs * steps_per_epoch
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    start_epoch, best = 0, -math.inf
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best = state["epoch"] + 1, state["best"]
+
+    normalise = _Normaliser(device)
+    metrics: dict[str, float] = {}
+    for epoch in range(start_epoch, cfg.train.epochs):
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
+        reset_peak_memory(device)
+        started = time.perf_counter()
+        train_metrics = _train_epoch(
+            net,
+            train_loader,
+            steps_per_epoch,
+            optimizer,
+            scheduler,
+            scaler,
+            normalise,
+            weights,
+            dtype,
+            cfg.train.grad_clip,
+            ranks,
+            epoch,
+        )
+        train_seconds = time.perf_counter() - started
+        val_metrics = _validate(
+            model,
+            val_loader,
+            val_set.materials,
+            normalise,
+            weights,
+            dtype,
+            cfg.data.resolution,
+            cfg.train.batch_size,
+            ranks,
+        )
+        images = train_metrics.pop("images")
+        metrics = {
+            "epoch": epoch + 1,
+            **train_metrics,
+            **val_metrics,
+            "perf/img_per_s": images / train_seconds,
+            "perf/epoch_s": time.perf_counter() - started,
+            "perf/peak_mem_mb": peak_memory_mb(device),
+            "model/params": parameters,
+        }
+        best = max(best, metrics["val/miou_fine"])
+        state = None
+        if ranks.rank == 0:
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "best": best,
+            }
+        with _CheckpointFolder(state) as checkpoint_dir:
+            reporter.report(metrics, checkpoint_dir)
+    return metrics
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _worker_seed(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _train_loader(cfg: Config, dataset: TrainDataset, ranks: Ranks, device: torch.device) -> DataLoader:
+    sampler = DistributedSampler(dataset, ranks.world, ranks.rank, seed=cfg.train.seed) if ranks.distributed else None
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.train.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.data.num_workers > 0,
+        worker_init_fn=_worker_seed,
+    )
+    if len(loader) == 0:
+        raise UserError(
+            f"the training side has {len(dataset)} crops per epoch per worker, fewer than train.batch_size ="
+            f" {cfg.train.batch_size} x {ranks.world} worker(s); lower the batch size or raise data.crops_per_image."
+        )
+    return loader
+
+
+class _Normaliser:
+    """uint8 NCHW on the host -> normalised float on the device (4x less to copy)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        self.luts = {head: torch.from_numpy(lut).to(device) for head, lut in HEAD_LUTS.items()}
+
+    def images(self, batch: torch.Tensor) -> torch.Tensor:
+        return (batch.to(self.device, non_blocking=True).float() - self.mean) / self.std
+
+    def targets(self, masks: torch.Tensor, heads: tuple[str, ...] | list[str]) -> dict[str, torch.Tensor]:
+        fine = masks.to(self.device, non_blocking=True).long()
+        return {head: self.luts[head][fine].long() for head in heads}
+
+
+def _train_epoch(
+    net, loader, steps, optimizer, scheduler, scaler, normalise, weights, dtype, grad_clip, ranks: Ranks, epoch: int
+) -> dict[str, float]:
+    net.train()
+    device = normalise.device
+    totals = torch.zeros(len(weights) + 1, device=device)
+    images = 0
+    for step, (batch, masks) in enumerate(_take(loader, steps)):
+        inputs = normalise.images(batch)
+        targets = normalise.targets(masks, list(weights))
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            outputs = net(inputs)
+        loss, per_head = multitask_loss(outputs, targets, weights)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        totals += torch.stack([loss.detach(), *(v.detach() for v in per_head.values())])
+        images += batch.shape[0]
+    counts = torch.tensor([float(steps), float(images)], device=device)
+    if ranks.distributed:
+        dist.all_reduce(totals)
+        dist.all_reduce(counts)
+    means = (totals / counts[0]).tolist()
+    result = {"train/loss": means[0], **{f"train/loss_{head}": v for head, v in zip(weights, means[1:], strict=True)}}
+    result["images"] = counts[1].item()
+    return result
+
+
+def _take(loader: DataLoader, steps: int) -> Iterator:
+    for step, batch in enumerate(loader):
+        if step >= steps:
+            return
+        yield batch
+
+
+@torch.no_grad()
+def predict_tiled(model: nn.Module, image: torch.Tensor, resolution: int, chunk: int) -> dict[str, torch.Tensor]:
+    """Logits for a (1, 3, H, W) image whose sides are multiples of ``resolution``.
+
+    Non-overlapping tiles at the training resolution work for every encoder, including
+    fixed-size transformers built for exactly that input size, and bound memory.
+    """
+    _, channels, height, width = image.shape
+    rows, cols = height // resolution, width // resolution
+    tiles = image.reshape(channels, rows, resolution, cols, resolution).permute(1, 3, 0, 2, 4)
+    tiles = tiles.reshape(rows * cols, channels, resolution, resolution)
+    outputs: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, tiles.shape[0], chunk):
+        for head, logits in model(tiles[start : start + chunk]).items():
+            outputs.setdefault(head, []).append(logits.float())
+    stitched = {}
+    for head, parts in outputs.items():
+        logits = torch.cat(parts)
+        classes = logits.shape[1]
+        logits = logits.reshape(rows, cols, classes, resolution, resolution).permute(2, 0, 3, 1, 4)
+        stitched[head] = logits.reshape(1, classes, height, width)
+    return stitched
+
+
+@torch.no_grad()
+def _validate(model, loader, materials, normalise, weights, dtype, resolution, chunk, ranks) -> dict[str, float]:
+    model.eval()
+    device = normalise.device
+    heads = list(weights)
+    confusion = {
+        h: torch.zeros(len(HEAD_CLASS_NAMES[h]), len(HEAD_CLASS_NAMES[h]), dtype=torch.long, device=device)
+        for h in heads
+    }
+    by_material = torch.zeros(len(materials), len(FINE_NAMES), len(FINE_NAMES), dtype=torch.long, device=device)
+    loss_sum = torch.zeros(2, device=device)
+    for image, mask, material in loader:
+        targets = normalise.targets(mask, heads)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = predict_tiled(model, normalise.images(image), resolution, chunk)
+        loss, _ = multitask_loss(logits, targets, weights)
+        loss_sum += torch.stack([loss, torch.ones((), device=device)])
+        for head in heads:
+            cm = confusion_matrix(logits[head].argmax(1), targets[head], len(HEAD_CLASS_NAMES[head]))
+            confusion[head] += cm
+            if head == "fine":
+                by_material[int(material)] += cm
+    if ranks.distributed:
+        for cm in (*confusion.values(), by_material, loss_sum):
+            dist.all_reduce(cm)
+    metrics = {"val/loss": (loss_sum[0] / loss_sum[1].clamp_min(1)).item()}
+    for head in heads:
+        metrics[f"val/miou_{head}"] = mean_iou(confusion[head])
+    for name, iou in zip(FINE_NAMES, iou_per_class(confusion["fine"]).tolist(), strict=True):
+        if not math.isnan(iou):
+            metrics[f"val/iou/{name}"] = iou
+    for name, cm in zip(materials, by_material, strict=True):
+        if cm.sum() > 0:
+            metrics[f"val/miou_fine_by_material/{name}"] = mean_iou(cm)
+    return metrics
+
+
+class _CheckpointFolder:
+    """A temporary folder holding this epoch's checkpoint (rank 0), removed after reporting."""
+
+    def __init__(self, state: dict | None) -> None:
+        self.state = state
+        self.path: Path | None = None
+
+    def __enter__(self) -> Path | None:
+        if self.state is None:
+            return None
+        self.path = Path(tempfile.mkdtemp(prefix="artefact-ckpt-"))
+        save_checkpoint(self.state, self.path / CHECKPOINT_FILE)
+        return self.path
+
+    def __exit__(self, *exc_info) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+class LocalReporter:
+    """For runs without Ray: prints one line per epoch and keeps the latest and best checkpoints."""
+
+    def __init__(self, out: Path, metric: str = "val/miou_fine", log=print) -> None:
+        self.out = out
+        self.metric = metric
+        self.log = log
+        self.history: list[dict[str, float]] = []
+        self.best = -math.inf
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        self.history.append(metrics)
+        self.log(
+            f"epoch {int(metrics['epoch'])}: train/loss {metrics['train/loss']:.4f}  val/loss {metrics['val/loss']:.4f}"
+            f"  {self.metric} {metrics[self.metric]:.4f}  {metrics['perf/img_per_s']:.1f} img/s"
+            f"  {metrics['perf/peak_mem_mb']:.0f} MB"
+        )
+        if checkpoint_dir is None:
+            return
+        copy_atomic(checkpoint_dir / CHECKPOINT_FILE, self.out / "latest" / CHECKPOINT_FILE)
+        if metrics[self.metric] > self.best:
+            self.best = metrics[self.metric]
+            copy_atomic(checkpoint_dir / CHECKPOINT_FILE, self.out / "best" / CHECKPOINT_FILE)
