@@ -48,5 +48,5 @@ def copy_atomic(source: Path, path: Path) -> Path:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as error:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError, LookupError) as error:
         raise UserError(f"checkpoint {path} is unreadable or corrupt ({type(error).__name__}: {error}).") from None

@@ -91,15 +91,23 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from artefact.checkpoint import CHECKPOINT_FILE
     from artefact.config import dump_yaml, load_config
-    from artefact.data.prepare import ensure_cache
-    from artefact.loop import LocalReporter, train
 
+    # Check the config and the model before the heavy imports, the data preparation and
+    # any output, so a typo fails in a second and leaves nothing behind.
     cfg = load_config(args.config, args.overrides)
+    from artefact.checkpoint import CHECKPOINT_FILE
+
     resume = args.out / "latest" / CHECKPOINT_FILE
     if args.resume and not resume.is_file():
         raise UserError(f"--resume: no checkpoint at {resume}; run without --resume first.")
+    from artefact.models import build_model
+
+    build_model(cfg.model, cfg.data.resolution)
+
+    from artefact.data.prepare import ensure_cache
+    from artefact.loop import LocalReporter, train
+
     cache = ensure_cache(cfg.data, args.workspace)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config.yaml").write_text(dump_yaml(cfg))

@@ -224,6 +224,21 @@ class Config:
         return from_dict(deep_merge(to_dict(self), sections))
 
 
+@dataclass(frozen=True)
+class SweepRequest:
+    """One invocation of the sweep: the config plus where it runs and logs."""
+
+    cfg: Config
+    profile: str
+    name: str
+    results: Path
+    workspace: Path
+    tracking_uri: str
+    address: str | None = None
+    resume: bool = False
+    verbose: bool = False
+
+
 def _check(ok: bool, name: str, value: object, allowed: object) -> None:
     if not ok:
         raise UserError(f"config field {name} = {value!r} is invalid: expected {allowed}.")

@@ -32,7 +32,7 @@ def resolve_encoder(name: str) -> str:
     name = ENCODER_ALIASES.get(name, name)
     timm_name = name.removeprefix("tu-")
     if not timm.is_model(timm_name.split(".")[0]):
-        candidates = list(ENCODER_ALIASES) + timm.list_models()
+        candidates = list(dict.fromkeys([*ENCODER_ALIASES, *timm.list_models()]))
         close = difflib.get_close_matches(timm_name, candidates, n=5, cutoff=0.6)
         hint = f" Close matches: {', '.join(close)}." if close else " See timm.list_models() for the names."
         raise UserError(f"model.encoder = {name!r} is not a timm model.{hint}")

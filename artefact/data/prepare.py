@@ -68,6 +68,8 @@ def read_source(path: Path, max_pixels: int) -> Iterator[Sample]:
 
 def prepare(source: Path, out: Path, params: PrepareParams, log=print) -> Path:
     """Build (or reuse) the cache for ``source`` in ``out`` and return ``out``."""
+    if not source.exists():
+        raise UserError(f"data source {source} does not exist.")
     fingerprint = _fingerprint(source, params)
     if is_cache(out):
         manifest = json.loads((out / MANIFEST).read_text())
@@ -138,6 +140,7 @@ def _write_samples(samples: Iterator[Sample], out: Path, params: PrepareParams, 
         image = _shrink_image(sample.image, size, where)
         np.save(out / "images" / f"{sample.id}.npy", image)
         del image
+        sample.image.close()  # drop the decoded full-size image before the mask is decoded
         mask = decode(sample.mask, f"{where} annotation")
         check_mask_values(mask, f"{where} annotation")
         mask_array = np.asarray(mask.resize(size, Image.Resampling.NEAREST) if mask.size != size else mask)

@@ -40,7 +40,7 @@ class Sample:
 
 def check_id(sample_id: object, where: str) -> str:
     """Ids become file names, so only plain names are accepted (no paths, no NUL)."""
-    if not isinstance(sample_id, str) or not _SAFE_ID.match(sample_id) or ".." in sample_id:
+    if not isinstance(sample_id, str) or not _SAFE_ID.fullmatch(sample_id) or ".." in sample_id:
         raise UserError(
             f"{where}: id {sample_id!r} is not a safe file name. Ids may use letters, digits,"
             " '.', '_' and '-' only (no path separators, '..' or NUL bytes); rename the row."

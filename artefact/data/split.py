@@ -34,14 +34,24 @@ def assign_splits(
         raise UserError("the data set is empty: the source yielded no samples.")
     if holdout is not None:
         field, _, value = holdout.partition("=")
-        splits = {g.group: "val" if getattr(g, field) == value else "train" for g in groups}
+        splits = {}
+        for g in groups:  # a group with any held-out row goes to val as a whole
+            if getattr(g, field) == value:
+                splits[g.group] = "val"
+            else:
+                splits.setdefault(g.group, "train")
         if "val" not in splits.values():
             known = sorted({getattr(g, field) for g in groups})
             raise UserError(f"data.holdout = {holdout!r} matches no sample; {field} values here: {known}.")
     else:
-        by_material: dict[str, list[str]] = defaultdict(list)
+        # Several rows (samples) may share one group: count each group once, under one material
+        # chosen independently of row order.
+        material_of: dict[str, str] = {}
         for g in groups:
-            by_material[g.material].append(g.group)
+            material_of[g.group] = min(material_of.get(g.group, g.material), g.material)
+        by_material: dict[str, list[str]] = defaultdict(list)
+        for group, material in material_of.items():
+            by_material[material].append(group)
         splits = {}
         for members in by_material.values():
             members.sort(key=lambda name: _rank(seed, name))

@@ -1,0 +1,116 @@
+"""The leaderboard: one row per encoder, ranked by fine mIoU, as text, CSV and Markdown.
+
+Search mode shows each encoder's best trial; fair mode shows mean and standard
+deviation over the seeds, as POC-5.8's benchmark intended.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from artefact.search import TrialSummary
+
+HEAD_COLUMNS = ("val/miou_fine", "val/miou_coarse", "val/miou_binary")
+COLUMNS = ("encoder", "trials", "miou_fine", "miou_coarse", "miou_binary", "img_per_s", "peak_mem_mb", "params_m")
+
+
+def leaderboard(summaries: list[TrialSummary], mode: str) -> list[dict[str, object]]:
+    """Rows per encoder; values are floats (search) or (mean, std) pairs (fair)."""
+    by_encoder: dict[str, list[TrialSummary]] = defaultdict(list)
+    for summary in summaries:
+        if summary.best:
+            by_encoder[str(summary.params.get("encoder"))].append(summary)
+    rows = []
+    for encoder, trials in by_encoder.items():
+        if mode == "search":
+            trials = [max(trials, key=lambda t: t.best.get("val/miou_fine", -math.inf))]
+        row: dict[str, object] = {"encoder": encoder, "trials": len(trials)}
+        for key, column in zip(
+            (*HEAD_COLUMNS, "perf/img_per_s", "perf/peak_mem_mb", "model/params"), COLUMNS[2:], strict=True
+        ):
+            values = [t.best[key] for t in trials if key in t.best]
+            if key == "model/params":
+                values = [v / 1e6 for v in values]
+            row[column] = _mean_std(values)
+        rows.append(row)
+    return sorted(rows, key=lambda r: -(r["miou_fine"] or (-1.0, 0.0))[0])
+
+
+def _mean_std(values: list[float]) -> tuple[float, float] | None:
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _cell(value: object, mode: str, digits: int) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, tuple):
+        mean, std = value
+        return f"{mean:.{digits}f} ± {std:.{digits}f}" if mode == "fair" else f"{mean:.{digits}f}"
+    return str(value)
+
+
+_DIGITS = {"miou_fine": 4, "miou_coarse": 4, "miou_binary": 4, "img_per_s": 1, "peak_mem_mb": 0, "params_m": 2}
+
+
+def format_table(rows: list[dict[str, object]], mode: str) -> list[list[str]]:
+    header = ["rank", *COLUMNS]
+    body = [[str(rank), *(_cell(row[c], mode, _DIGITS.get(c, 0)) for c in COLUMNS)] for rank, row in enumerate(rows, 1)]
+    return [header, *body]
+
+
+def render_text(rows: list[dict[str, object]], mode: str) -> str:
+    table = format_table(rows, mode)
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in table]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def render_markdown(rows: list[dict[str, object]], mode: str) -> str:
+    header, *body = format_table(rows, mode)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(line) + " |" for line in body]
+    return "\n".join(lines) + "\n"
+
+
+def write_leaderboard(rows: list[dict[str, object]], summaries: list[TrialSummary], mode: str, out: Path) -> list[Path]:
+    """leaderboard.csv (means and stds as separate columns), leaderboard.md and trials.csv."""
+    out.mkdir(parents=True, exist_ok=True)
+    board_csv = out / "leaderboard.csv"
+    with board_csv.open("w", newline="", encoding="utf-8") as handle:
+        fields = ["rank", "encoder", "trials"] + [f"{c}{s}" for c in COLUMNS[2:] for s in ("", "_std")]
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for rank, row in enumerate(rows, 1):
+            record: dict[str, object] = {"rank": rank, "encoder": row["encoder"], "trials": row["trials"]}
+            for column in COLUMNS[2:]:
+                value = row[column]
+                record[column], record[f"{column}_std"] = value if isinstance(value, tuple) else ("", "")
+            writer.writerow(record)
+    board_md = out / "leaderboard.md"
+    board_md.write_text(render_markdown(rows, mode), encoding="utf-8")
+    trials_csv = out / "trials.csv"
+    with trials_csv.open("w", newline="", encoding="utf-8") as handle:
+        param_keys = sorted({k for s in summaries for k in s.params})
+        metric_keys = sorted({k for s in summaries for k in s.best})
+        writer = csv.writer(handle)
+        writer.writerow(["trial_id", "outcome", "epochs", "reason", *param_keys, *metric_keys, "best_checkpoint"])
+        for s in summaries:
+            writer.writerow(
+                [
+                    s.trial_id,
+                    s.outcome,
+                    s.epochs,
+                    s.reason or "",
+                    *(s.params.get(k, "") for k in param_keys),
+                    *(s.best.get(k, "") for k in metric_keys),
+                    s.best_checkpoint or "",
+                ]
+            )
+    return [board_csv, board_md, trials_csv]

@@ -1,0 +1,280 @@
+"""Ray Tune: the trials of a sweep, the Optuna search space, ASHA, and resume.
+
+Train V2 style: each trial is a Tune *function* that builds and fits a TorchTrainer
+named after the trial id (the deprecated ``Tuner(trainer)`` is not used). A trial's
+driver reserves almost no CPU, and ``max_concurrent_trials`` is derived from the
+cluster's resources, so trial drivers can never hold the CPUs their workers need.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from artefact.config import Config, from_dict, to_dict
+from artefact.distributed import build_trainer
+from artefact.errors import UserError
+from artefact.tracking import SweepRun
+
+TRIAL_DRIVER_CPU = 0.01
+"""A trial's driver only waits on its TorchTrainer; {'cpu': 0} is refused by Ray."""
+TUNE_FOLDER = "tune"
+TRAIN_FOLDER = "train"
+
+
+def space_description(cfg: Config) -> dict[str, Any]:
+    """The searched space, as logged to MLflow and compared on --resume."""
+    sweep = cfg.sweep
+    if sweep.mode == "fair":
+        return {"mode": "fair", "encoders": list(sweep.encoders), "seeds": sweep.seeds}
+    return {
+        "mode": "search",
+        "encoders": list(sweep.encoders),
+        "batch_sizes": list(sweep.batch_sizes),
+        "lr": [sweep.lr_min, sweep.lr_max],
+        "loss_weights": _searches_weights(cfg),
+    }
+
+
+def _searches_weights(cfg: Config) -> bool:
+    return cfg.sweep.search_loss_weights and len(cfg.model.heads) > 1
+
+
+def apply_trial_params(base: Config, params: dict[str, Any]) -> Config:
+    """The base config with one trial's sampled values filled in."""
+    train: dict[str, Any] = {}
+    for key in ("batch_size", "lr", "seed"):
+        if key in params:
+            train[key] = params[key]
+    sections: dict[str, Any] = {"model": {"encoder": params["encoder"]}, "train": train}
+    raw_weights = {head: params[f"w_{head}"] for head in base.model.heads if f"w_{head}" in params}
+    if raw_weights:
+        sections["loss"] = simplex_weights(raw_weights)
+    return base.replace(**sections)
+
+
+def simplex_weights(raw: dict[str, float]) -> dict[str, float]:
+    """Uniform (0, 1] draws -> weights on the simplex (a Dirichlet(1) sample via -log u)."""
+    logs = {head: -math.log(max(value, 1e-12)) for head, value in raw.items()}
+    total = sum(logs.values()) or 1.0
+    return {head: value / total for head, value in logs.items()}
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Optuna define-by-run space; a picklable object because Tune checkpoints the searcher."""
+
+    encoders: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    lr_min: float
+    lr_max: float
+    weight_heads: tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> SearchSpace:
+        sweep = cfg.sweep
+        heads = cfg.model.heads if _searches_weights(cfg) else ()
+        return cls(sweep.encoders, sweep.batch_sizes, sweep.lr_min, sweep.lr_max, heads)
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        trial.suggest_categorical("encoder", list(self.encoders))
+        trial.suggest_categorical("batch_size", list(self.batch_sizes))
+        trial.suggest_float("lr", self.lr_min, self.lr_max, log=True)
+        for head in self.weight_heads:
+            trial.suggest_float(f"w_{head}", 1e-6, 1.0)
+
+
+def default_points(cfg: Config) -> list[dict[str, Any]]:
+    """The base configuration (weights 0.2/0.3/0.5) on each encoder, evaluated first.
+
+    The search is measured against these, and every listed encoder gets at least one trial.
+    """
+    return [_default_point(cfg, encoder) for encoder in cfg.sweep.encoders][: cfg.sweep.trials]
+
+
+def _default_point(cfg: Config, encoder: str) -> dict[str, Any]:
+    point: dict[str, Any] = {
+        "encoder": encoder,
+        "batch_size": cfg.train.batch_size
+        if cfg.train.batch_size in cfg.sweep.batch_sizes
+        else cfg.sweep.batch_sizes[0],
+        "lr": min(max(cfg.train.lr, cfg.sweep.lr_min), cfg.sweep.lr_max),
+    }
+    if _searches_weights(cfg):
+        weights = cfg.loss.weights(cfg.model.heads)
+        point.update({f"w_{head}": math.exp(-weight) for head, weight in weights.items()})
+    return point
+
+
+def max_concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
+    """How many trials fit at once, counting every worker's CPUs and GPUs."""
+    res = cfg.resources
+    cpus = res.workers_per_trial * res.cpus_per_worker + TRIAL_DRIVER_CPU
+    limit = math.floor(resources.get("CPU", 0) / cpus + 1e-9)
+    if res.gpus_per_worker > 0:
+        gpus = res.workers_per_trial * res.gpus_per_worker
+        limit = min(limit, math.floor(resources.get("GPU", 0) / gpus + 1e-9))
+    if limit < 1:
+        raise UserError(
+            f"one trial needs {res.workers_per_trial} worker(s) x {res.cpus_per_worker} CPU"
+            f" and {res.gpus_per_worker} GPU each, but the Ray cluster has {resources.get('CPU', 0)} CPUs and"
+            f" {resources.get('GPU', 0)} GPUs; lower resources.* in the profile or use a bigger allocation."
+        )
+    return limit
+
+
+def _run_trial(params: dict[str, Any], base: dict[str, Any], cache: str, storage: str, sweep: SweepRun | None) -> None:
+    """One Tune trial: fit a TorchTrainer whose reports flow back to Tune."""
+    cfg = apply_trial_params(from_dict(base), params)
+    trial_id = tune.get_context().get_trial_id()
+    build_trainer(cfg, Path(cache), Path(storage), trial_id, sweep, callbacks=[TuneReportCallback()]).fit()
+
+
+def _trainable(cfg: Config, cache: Path, sweep_dir: Path, sweep: SweepRun | None):
+    trainable = tune.with_parameters(
+        _run_trial, base=to_dict(cfg), cache=str(cache), storage=str(sweep_dir / TRAIN_FOLDER), sweep=sweep
+    )
+    return tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU})
+
+
+def _tune_config(cfg: Config, sweep_dir: Path, name: str, concurrency: int) -> tune.TuneConfig:
+    sweep = cfg.sweep
+    if sweep.mode == "fair":
+        return tune.TuneConfig(num_samples=1, scheduler=FIFOScheduler(), max_concurrent_trials=concurrency)
+    scheduler = (
+        ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=cfg.train.epochs,
+            grace_period=min(sweep.grace_period, cfg.train.epochs),
+            reduction_factor=sweep.reduction_factor,
+        )
+        if sweep.scheduler == "asha"
+        else FIFOScheduler()
+    )
+    searcher = OptunaSearch(
+        space=SearchSpace.from_config(cfg),
+        metric=sweep.metric,
+        mode="max",
+        points_to_evaluate=default_points(cfg),
+        sampler=optuna.samplers.TPESampler(seed=sweep.seed),
+        storage=optuna.storages.RDBStorage(f"sqlite:///{(sweep_dir / 'optuna.db').resolve()}"),
+        study_name=name,
+    )
+    return tune.TuneConfig(
+        metric=sweep.metric,
+        mode="max",
+        search_alg=searcher,
+        scheduler=scheduler,
+        num_samples=sweep.trials,
+        max_concurrent_trials=concurrency,
+    )
+
+
+def _param_space(cfg: Config) -> dict[str, Any]:
+    if cfg.sweep.mode == "fair":
+        return {
+            "encoder": tune.grid_search(list(cfg.sweep.encoders)),
+            "seed": tune.grid_search(list(range(cfg.sweep.seeds))),
+        }
+    return {}
+
+
+def run_sweep(
+    cfg: Config, cache: Path, sweep_dir: Path, name: str, sweep: SweepRun | None, resume: bool, verbose: int = 1
+) -> tune.ResultGrid:
+    """Start (or resume) the sweep's Tuner on the connected Ray cluster and wait for it."""
+    concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
+    trainable = _trainable(cfg, cache, sweep_dir, sweep)
+    tune_path = sweep_dir / TUNE_FOLDER
+    if resume:
+        tuner = tune.Tuner.restore(str(tune_path), trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_param_space(cfg),
+            tune_config=_tune_config(cfg, sweep_dir, name, concurrency),
+            run_config=tune.RunConfig(
+                name=TUNE_FOLDER,
+                storage_path=str(sweep_dir.resolve()),
+                verbose=verbose,
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
+    return tuner.fit()
+
+
+def can_resume(sweep_dir: Path) -> bool:
+    return tune.Tuner.can_restore(str((sweep_dir / TUNE_FOLDER).resolve()))
+
+
+@dataclass
+class TrialSummary:
+    """One trial's outcome and its best epoch, for the leaderboard and MLflow."""
+
+    trial_id: str
+    params: dict[str, Any]
+    outcome: str
+    epochs: int
+    reason: str | None = None
+    best: dict[str, float] = field(default_factory=dict)
+    best_checkpoint: str | None = None
+
+
+_TRIAL_ID = re.compile(r"_([0-9a-f]{5}_[0-9]{5})_")
+
+
+def summarise(results: tune.ResultGrid, epochs: int, metric: str) -> list[TrialSummary]:
+    summaries = []
+    for result in results:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or _trial_id_from_path(result.path)
+        history = result.metrics_dataframe
+        rows = history.to_dict("records") if history is not None and len(history) else []
+        ran = int(max((row.get("epoch", 0) for row in rows), default=0))
+        best = max(rows, key=lambda row: row.get(metric, -math.inf), default={})
+        if result.error is not None:
+            outcome, reason = "failed", _root_cause(result.error)
+        else:
+            outcome, reason = ("completed" if ran >= epochs else "stopped_early"), None
+        speeds = [row["perf/img_per_s"] for row in rows if "perf/img_per_s" in row]
+        best_metrics = {k: v for k, v in best.items() if isinstance(v, (int, float)) and "/" in k}
+        if speeds:
+            best_metrics["perf/img_per_s"] = sum(speeds) / len(speeds)
+            best_metrics["perf/peak_mem_mb"] = max(row["perf/peak_mem_mb"] for row in rows)
+        summaries.append(
+            TrialSummary(
+                trial_id=trial_id,
+                params=dict(result.config or {}),
+                outcome=outcome,
+                epochs=ran,
+                reason=reason,
+                best=best_metrics,
+                best_checkpoint=best.get(CHECKPOINT_PATH_KEY),
+            )
+        )
+    return sorted(summaries, key=lambda s: s.trial_id)
+
+
+def _trial_id_from_path(path: str) -> str:
+    match = _TRIAL_ID.search(Path(path).name)
+    return match.group(1) if match else Path(path).name
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost message of a Tune/Train error chain, on one line."""
+    cause: BaseException = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+    message = lines[-1] if lines else type(cause).__name__
+    return message if type(cause).__name__ in message else f"{type(cause).__name__}: {message}"

@@ -1,0 +1,137 @@
+"""A whole sweep, end to end: checks, data, Ray, Tune, MLflow and the leaderboard.
+
+Every check that can fail on user input runs before the Ray cluster starts. Whatever
+happens after, the sweep's MLflow runs are closed (never left RUNNING) and the local
+Ray cluster this process started is shut down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import ray
+
+from artefact.config import SweepRequest, dump_yaml
+from artefact.data.prepare import ensure_cache
+from artefact.errors import UserError
+from artefact.models import resolve_encoder
+from artefact.report import leaderboard, render_text, write_leaderboard
+from artefact.search import can_resume, run_sweep, space_description, summarise
+from artefact.tracking import SweepRun, check_store, close_trial, finish_sweep, log_sweep_artifacts, open_sweep
+
+RAY_ENV = {
+    # Train V2 polls worker health every 2 s by default; on short trials that polling
+    # dominates start-up (FACTS.md: ~19 s -> ~12 s per trial).
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+}
+
+
+def validate(request: SweepRequest) -> Path:
+    """All user-input checks that need no cluster; returns the sweep folder."""
+    for encoder in request.cfg.sweep.encoders:
+        resolve_encoder(encoder)
+    sweep_dir = request.results / request.name
+    space_file = sweep_dir / "space.json"
+    space = space_description(request.cfg)
+    if request.resume:
+        if not can_resume(sweep_dir):
+            raise UserError(f"--resume: no earlier sweep named {request.name!r} in {request.results}; drop --resume.")
+        saved = json.loads(space_file.read_text()) if space_file.is_file() else None
+        if saved != space:
+            raise UserError(
+                f"--resume: sweep {request.name!r} searched {saved}, but this command asks for {space}."
+                " Resume with the same profile and flags, or start a new sweep with --name."
+            )
+    elif sweep_dir.exists():
+        raise UserError(f"sweep {request.name!r} already exists in {sweep_dir}; pass --resume or another --name.")
+    if request.address:
+        _check_reachable(request.address)
+    check_store(request.tracking_uri)
+    return sweep_dir
+
+
+def _check_reachable(address: str) -> None:
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"--address {address}: no Ray head answers there ({error}). Start one (`ray start --head`) or"
+            " drop --address to run a local cluster."
+        ) from None
+
+
+def _connect_ray(request: SweepRequest) -> str | None:
+    """Join --address, or start a local cluster bound to 127.0.0.1 (token set by ray_auth)."""
+    quiet = {} if request.verbose else {"logging_level": logging.WARNING, "log_to_driver": False}
+    if request.address:
+        ray.init(address=request.address, runtime_env={"env_vars": RAY_ENV}, **quiet)
+        return None
+    os.environ.update(RAY_ENV)
+    context = ray.init(
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": RAY_ENV},
+        **quiet,
+    )
+    return f"http://{context.dashboard_url}" if context.dashboard_url else None
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
+    """Run (or resume) the sweep and return its leaderboard rows."""
+    cfg = request.cfg
+    sweep_dir = validate(request)
+    cache = ensure_cache(cfg.data, request.workspace, log)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "config.yaml").write_text(dump_yaml(cfg))
+    (sweep_dir / "space.json").write_text(json.dumps(space_description(cfg), indent=2))
+    tracking = open_sweep(
+        request.tracking_uri,
+        request.name,
+        {"profile": request.profile, "git_commit": git_commit(), "mode": cfg.sweep.mode},
+    )
+    status = "FAILED"
+    try:
+        log_sweep_artifacts(tracking, [sweep_dir / "config.yaml", sweep_dir / "space.json"])
+        dashboard = _connect_ray(request)
+        if dashboard:
+            log(f"Ray dashboard: {dashboard}")
+        log(f"sweep {request.name}: {cfg.sweep.mode} mode, profile {request.profile}, results in {sweep_dir}")
+        results = run_sweep(cfg, cache, sweep_dir, request.name, tracking, request.resume, 2 if request.verbose else 1)
+        summaries = summarise(results, cfg.train.epochs, cfg.sweep.metric)
+        _close_trials(tracking, summaries)
+        rows = leaderboard(summaries, cfg.sweep.mode)
+        files = write_leaderboard(rows, summaries, cfg.sweep.mode, sweep_dir)
+        log_sweep_artifacts(tracking, files)
+        status = "FINISHED"
+        log("\n" + render_text(rows, cfg.sweep.mode))
+        counts = {o: sum(s.outcome == o for s in summaries) for o in ("completed", "stopped_early", "failed")}
+        log(f"\ntrials: {counts}; leaderboard: {files[0]} and {files[1]}")
+        for failed in (s for s in summaries if s.outcome == "failed"):
+            log(f"  failed {failed.trial_id} ({failed.params.get('encoder')}): {failed.reason}")
+        return rows
+    finally:
+        finish_sweep(tracking, status)
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _close_trials(tracking: SweepRun, summaries) -> None:
+    for summary in summaries:
+        close_trial(tracking, summary.trial_id, summary.outcome, summary.reason, summary.best_checkpoint)

@@ -1,0 +1,163 @@
+"""MLflow: one experiment per sweep, a parent run per sweep, a child run per trial.
+
+This is the only module that imports mlflow. It talks through ``MlflowClient`` with
+explicit run ids, so trial processes never depend on a global active run, and finds
+runs by tags (never by timestamps), so a restarted trial or a resumed sweep reattaches
+to its own run instead of creating a duplicate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from artefact.errors import UserError
+
+SWEEP_TAG = "artefact.sweep"
+ROLE_TAG = "artefact.role"
+TRIAL_TAG = "artefact.trial_id"
+OUTCOME_TAG = "artefact.outcome"
+REASON_TAG = "artefact.failure_reason"
+BEST_CHECKPOINT_TAG = "artefact.best_checkpoint"
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+FINAL_STATUS = {"completed": "FINISHED", "stopped_early": "FINISHED", "failed": "FAILED"}
+
+
+def check_store(uri: str) -> None:
+    """Fail before training when the store cannot be used; create a SQLite store here.
+
+    Creating the SQLite schema in the driver, before any trial starts, avoids the
+    migration race of several processes creating one store at once.
+    """
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
+                response.read()
+        except (urllib.error.URLError, OSError) as error:
+            raise UserError(
+                f"--tracking-uri {uri}: the MLflow server does not answer ({error}); start it"
+                " (see mlflow/README.md) or pass another --tracking-uri."
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"--tracking-uri {uri}: cannot create {path.parent} ({error.strerror}).") from None
+    MlflowClient(uri).search_experiments(max_results=1)
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """What a trial needs to log into its sweep; small and picklable for Ray."""
+
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+    sweep: str
+
+
+def _artifact_location(uri: str, sweep: str) -> str | None:
+    """A SQLite store keeps artifacts beside its database (MLflow's default is ./mlruns
+    under whatever folder the process runs in); a server chooses its own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts" / sweep).resolve().as_uri()
+    return None
+
+
+def open_sweep(uri: str, sweep: str, tags: dict[str, str]) -> SweepRun:
+    """Get or create the sweep's experiment and parent run (a resumed sweep reuses both)."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(sweep)
+    if experiment is None:
+        location = _artifact_location(uri, sweep)
+        experiment_id = client.create_experiment(sweep, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    parents = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep' and tags.`{SWEEP_TAG}` = '{sweep}'"
+    )
+    if parents:
+        run_id = parents[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(
+            experiment_id, run_name=sweep, tags={ROLE_TAG: "sweep", SWEEP_TAG: sweep}
+        ).info.run_id
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    return SweepRun(uri, experiment_id, run_id, sweep)
+
+
+def log_sweep_artifacts(run: SweepRun, paths: list[Path], params: dict[str, object] | None = None) -> None:
+    client = MlflowClient(run.uri)
+    if params:
+        client.log_batch(run.parent_run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    for path in paths:
+        client.log_artifact(run.parent_run_id, str(path))
+
+
+def finish_sweep(run: SweepRun, status: str = "FINISHED") -> None:
+    MlflowClient(run.uri).set_terminated(run.parent_run_id, status=status)
+
+
+def find_trial_run(client: MlflowClient, run: SweepRun, trial_id: str) -> str | None:
+    found = client.search_runs(
+        [run.experiment_id],
+        filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{run.parent_run_id}'",
+    )
+    return found[0].info.run_id if found else None
+
+
+def _get_or_create_trial_run(client: MlflowClient, sweep: SweepRun, trial_id: str) -> tuple[str, bool]:
+    """(run id, created): one child run per trial id, whoever asks first."""
+    run_id = find_trial_run(client, sweep, trial_id)
+    if run_id is not None:
+        return run_id, False
+    tags = {PARENT_TAG: sweep.parent_run_id, TRIAL_TAG: trial_id, SWEEP_TAG: sweep.sweep, ROLE_TAG: "trial"}
+    return client.create_run(sweep.experiment_id, run_name=trial_id, tags=tags).info.run_id, True
+
+
+class TrialRun:
+    """A trial's child run, logged from rank 0 of the trial only."""
+
+    def __init__(self, sweep: SweepRun, trial_id: str, params: dict[str, object]) -> None:
+        self.client = MlflowClient(sweep.uri)
+        self.run_id, created = _get_or_create_trial_run(self.client, sweep, trial_id)
+        if created:
+            self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        else:
+            self.client.update_run(self.run_id, status="RUNNING")
+
+    def log_epoch(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        rows = [
+            Metric(key, float(value), now, step)
+            for key, value in metrics.items()
+            if isinstance(value, (int, float)) and math.isfinite(value)
+        ]
+        for start in range(0, len(rows), 1000):
+            self.client.log_batch(self.run_id, metrics=rows[start : start + 1000])
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+
+def close_trial(sweep: SweepRun, trial_id: str, outcome: str, reason: str | None, best_checkpoint: str | None) -> None:
+    """Record how a trial ended; creates the run if the trial died before logging anything."""
+    client = MlflowClient(sweep.uri)
+    run_id, _ = _get_or_create_trial_run(client, sweep, trial_id)
+    tags = [RunTag(OUTCOME_TAG, outcome)]
+    if reason:
+        tags.append(RunTag(REASON_TAG, reason[:4000]))
+    if best_checkpoint:
+        tags.append(RunTag(BEST_CHECKPOINT_TAG, best_checkpoint))
+    client.log_batch(run_id, tags=tags)
+    client.set_terminated(run_id, status=FINAL_STATUS[outcome])

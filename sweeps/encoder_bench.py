@@ -1,0 +1,152 @@
+"""The main job: an encoder and hyperparameter sweep on ARTeFACT.
+
+With no arguments on a machine without a GPU or data, it runs the cpu-smoke profile on
+the built-in synthetic data set and prints a leaderboard. With --data and a GPU profile
+it runs the real sweep. Everything is logged to MLflow (see `python -m artefact ui`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from artefact.cli import run_cli  # noqa: E402
+from artefact.errors import UserError  # noqa: E402
+
+PROFILES = REPO / "sweeps"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python sweeps/encoder_bench.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--profile",
+        help="a profile name from sweeps/ (cpu-smoke, laptop, v100s-x2, v100s-x2-ddp)\n"
+        "or a YAML path; default: laptop with a GPU, cpu-smoke without",
+    )
+    parser.add_argument(
+        "--data",
+        help="a raw source (parquet shards or folder layout) or a prepared cache;\n"
+        "default: the built-in synthetic data set",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("fair", "search"),
+        help="fair: every encoder, same config, N seeds;\nsearch: Optuna TPE with ASHA early stopping",
+    )
+    parser.add_argument(
+        "--encoders",
+        help="comma-separated encoders (timm names, tu-<name> or aliases\n"
+        "convnext_tiny, swin_tiny, coatnet_0, maxvit_tiny)",
+    )
+    parser.add_argument("--trials", type=int, help="search: number of trials")
+    parser.add_argument("--seeds", type=int, help="fair: seeds per encoder")
+    parser.add_argument("--epochs", type=int, help="epochs per trial")
+    parser.add_argument(
+        "--name", help="sweep name (MLflow experiment, results/<name>); default: first free\n<profile>-<mode>-<n>"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue the sweep --name after an interruption")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI; default: sqlite store in mlflow/")
+    parser.add_argument("--address", help="join an existing Ray cluster (host:port of the head)")
+    parser.add_argument("--results", type=Path, default=REPO / "results", help="results folder (default: results/)")
+    parser.add_argument("--workspace", type=Path, default=REPO / "data", help="data caches (default: data/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override any config field, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    return parser.parse_args(argv)
+
+
+def resolve_profile(name: str | None) -> tuple[str, Path]:
+    if name is None:
+        import torch
+
+        name = "laptop" if torch.cuda.is_available() else "cpu-smoke"
+        print(f"no --profile given: using {name} ({'a GPU' if name == 'laptop' else 'no GPU'} detected)")
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"--profile {name}: no such file.")
+        return path.stem, path
+    path = PROFILES / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PROFILES.glob("*.yaml"))
+        raise UserError(f"--profile {name!r} is unknown; profiles: {', '.join(known)} (or a path to a YAML file).")
+    return name, path
+
+
+def build_request(args: argparse.Namespace):
+    from artefact.config import SweepRequest, deep_merge, from_dict, parse_overrides, read_yaml
+
+    profile, path = resolve_profile(args.profile)
+    raw = read_yaml(path)
+    flags: dict = {"sweep": {}, "train": {}, "data": {}}
+    if args.mode:
+        flags["sweep"]["mode"] = args.mode
+    if args.encoders is not None:
+        flags["sweep"]["encoders"] = [e.strip() for e in args.encoders.split(",") if e.strip()]
+    if args.trials is not None:
+        flags["sweep"]["trials"] = args.trials
+    if args.seeds is not None:
+        flags["sweep"]["seeds"] = args.seeds
+    if args.epochs is not None:
+        flags["train"]["epochs"] = args.epochs
+    if args.data:
+        flags["data"]["path"] = str(Path(args.data).resolve())
+    raw = deep_merge(deep_merge(raw, flags), parse_overrides(args.overrides))
+    cfg = from_dict(raw, f"{path} with command-line flags")
+    name = args.name or _free_name(args.results, f"{profile}-{cfg.sweep.mode}")
+    return SweepRequest(
+        cfg=cfg,
+        profile=profile,
+        name=name,
+        results=args.results,
+        workspace=args.workspace,
+        tracking_uri=args.tracking_uri or f"sqlite:///{REPO / 'mlflow' / 'mlflow.db'}",
+        address=args.address,
+        resume=args.resume,
+        verbose=args.verbose,
+    )
+
+
+def _free_name(results: Path, stem: str) -> str:
+    number = 1
+    while (results / f"{stem}-{number}").exists():
+        number += 1
+    return f"{stem}-{number}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def go() -> int:
+        if args.resume and not args.name:
+            raise UserError("--resume needs --name: the sweep to continue.")
+        request = build_request(args)
+        if not request.address:
+            from artefact.ray_auth import sweep_token_file, use_private_token
+
+            use_private_token(sweep_token_file(request.results, request.name))
+        from artefact.sweep import run  # imports Ray, which reads the auth settings just set
+
+        run(request)
+        ui = f"python -m artefact ui --tracking-uri {request.tracking_uri}"
+        print(f"MLflow UI: {ui}  (experiment {request.name!r})")
+        return 0
+
+    return run_cli(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Each raw source read back: the folder layout, parquet shards (library writer and by hand)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from builders import Row, random_rows, write_folder, write_parquet_by_hand
+from PIL import Image
+
+from artefact.data.folder import FolderWriter, read_folder
+from artefact.data.parquet import ParquetWriter, read_parquet, shard_paths
+from artefact.data.prepare import read_source
+from artefact.errors import UserError
+
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def _same(sample, row: Row) -> None:
+    assert sample.id == row.id
+    assert np.array_equal(np.asarray(sample.image.convert("RGB")), row.image)
+    assert np.array_equal(np.asarray(sample.mask), row.mask)
+    assert sample.material == row.material
+    assert sample.content == row.content
+
+
+def test_folder_layout_round_trips(tmp_path: Path) -> None:
+    rows = random_rows(5, materials=("Paper", "Wood", "Glass"))
+    rows[1].content = "Photographic depiction"
+    write_folder(tmp_path / "src", rows)
+    samples = list(read_folder(tmp_path / "src"))
+    assert [s.id for s in samples] == [r.id for r in rows], "metadata.csv order is kept"
+    for sample, row in zip(samples, rows, strict=True):
+        _same(sample, row)
+        assert sample.group == row.id, "without a group column each image is its own group"
+        assert sample.mask.mode == "L"
+
+
+def test_folder_group_column_and_blank_metadata(tmp_path: Path) -> None:
+    rows = random_rows(3)
+    rows[0].group = rows[1].group = "scan-A"
+    rows[2].material = ""
+    write_folder(tmp_path / "src", rows, columns=("id", "material", "content", "group"))
+    samples = list(read_folder(tmp_path / "src"))
+    assert [s.group for s in samples] == ["scan-A", "scan-A", rows[2].id]
+    assert samples[2].material == "unknown"
+
+
+def test_folder_finds_other_image_suffixes(tmp_path: Path) -> None:
+    rows = random_rows(2)
+    rows[0].image[:] = 128  # flat, so JPEG reproduces it almost exactly
+    write_folder(tmp_path / "src", rows, image_format="jpg")
+    sample = next(read_folder(tmp_path / "src"))
+    assert sample.image.format == "JPEG"
+    assert np.abs(np.asarray(sample.image).astype(int) - 128).max() <= 2
+
+
+def test_folder_reader_is_lazy(tmp_path: Path) -> None:
+    """Samples stream one at a time: a broken third row only fails when it is reached."""
+    rows = random_rows(3)
+    write_folder(tmp_path / "src", rows)
+    (tmp_path / "src" / "annotations" / f"{rows[2].id}.png").unlink()
+    samples = read_folder(tmp_path / "src")
+    assert next(samples).id == rows[0].id
+    assert next(samples).id == rows[1].id
+    with pytest.raises(UserError, match="annotation .* is missing"):
+        next(samples)
+
+
+def test_folder_writer_output_is_read_back(tmp_path: Path) -> None:
+    rows = random_rows(2)
+    writer = FolderWriter(tmp_path / "src")
+    for row in rows:
+        writer.add(row.id, Image.fromarray(row.image), Image.fromarray(row.mask), row.material, row.content)
+    assert not (tmp_path / "src" / "metadata.csv").exists(), "metadata.csv is written last"
+    writer.close()
+    for sample, row in zip(read_folder(tmp_path / "src"), rows, strict=True):
+        _same(sample, row)
+
+
+def test_parquet_writer_uses_the_hugging_face_schema(tmp_path: Path) -> None:
+    rows = random_rows(5)
+    writer = ParquetWriter(tmp_path / "pq", rows_per_shard=2)
+    for row in rows:
+        writer.add(row.id, Image.fromarray(row.image), Image.fromarray(row.mask), row.material, row.content)
+    writer.close()
+    shards = sorted((tmp_path / "pq" / "data").glob("*.parquet"))
+    assert [s.name for s in shards] == [f"train-0000{i}-of-00003.parquet" for i in range(3)]
+    schema = pq.read_schema(shards[0])
+    for column in ("image", "annotation", "annotation_rgb"):
+        assert schema.field(column).type == IMAGE_STRUCT
+    for column in ("id", "material", "content", "type", "damage_description", "verified_description"):
+        assert schema.field(column).type == pa.string()
+    features = json.loads(schema.metadata[b"huggingface"])["info"]["features"]
+    assert features["image"] == {"_type": "Image"} and features["id"]["_type"] == "Value"
+    first = pq.read_table(shards[0]).to_pylist()[0]
+    assert first["annotation"]["path"] and isinstance(first["annotation"]["bytes"], bytes)
+    with Image.open(__import__("io").BytesIO(first["annotation_rgb"]["bytes"])) as rgb:
+        assert rgb.mode == "RGB"
+
+    samples = list(read_parquet(tmp_path / "pq"))
+    assert len(samples) == 5
+    for sample, row in zip(samples, rows, strict=True):
+        _same(sample, row)
+        assert sample.group == row.id
+
+
+def test_parquet_written_by_hand_is_read(tmp_path: Path) -> None:
+    """The reader follows the HF schema, not ParquetWriter's quirks (order, extras, null paths)."""
+    rows = random_rows(7, materials=("Canvas", "Textile"))
+    write_parquet_by_hand(tmp_path / "hf" / "data" / "train-00000-of-00002.parquet", rows[:4], row_group_size=3)
+    write_parquet_by_hand(tmp_path / "hf" / "data" / "train-00001-of-00002.parquet", rows[4:], row_group_size=1)
+    assert len(shard_paths(tmp_path / "hf")) == 2
+    samples = list(read_parquet(tmp_path / "hf"))
+    assert [s.id for s in samples] == [r.id for r in rows]
+    for sample, row in zip(samples, rows, strict=True):
+        _same(sample, row)
+    # A single shard file works as a source too.
+    single = tmp_path / "hf" / "data" / "train-00001-of-00002.parquet"
+    assert [s.id for s in read_parquet(single)] == [r.id for r in rows[4:]]
+
+
+def test_read_source_dispatches_on_layout(tmp_path: Path) -> None:
+    rows = random_rows(2)
+    write_folder(tmp_path / "folder", rows)
+    write_parquet_by_hand(tmp_path / "shards" / "x.parquet", rows)
+    assert [s.id for s in read_source(tmp_path / "folder", 10**6)] == [r.id for r in rows]
+    assert [s.id for s in read_source(tmp_path / "shards", 10**6)] == [r.id for r in rows]
+    (tmp_path / "neither").mkdir()
+    with pytest.raises(UserError, match="neither ARTeFACT parquet shards"):
+        read_source(tmp_path / "neither", 10**6)
+    with pytest.raises(UserError, match="does not exist"):
+        read_source(tmp_path / "missing", 10**6)
