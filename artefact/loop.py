@@ -144,6 +144,7 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
             "perf/img_per_s": images / train_seconds,
             "perf/epoch_s": time.perf_counter() - started,
             "perf/peak_mem_mb": peak_memory_mb(device),
+            "perf/workers": ranks.world,
             "model/params": parameters,
         }
         best = max(best, metrics["val/miou_fine"])

@@ -100,7 +100,7 @@ def write_leaderboard(rows: list[dict[str, object]], summaries: list[TrialSummar
         param_keys = sorted({k for s in summaries for k in s.params})
         metric_keys = sorted({k for s in summaries for k in s.best})
         writer = csv.writer(handle)
-        writer.writerow(["trial_id", "outcome", "epochs", "reason", *param_keys, *metric_keys, "best_checkpoint"])
+        writer.writerow(["trial_id", "outcome", "epochs", "reason", *param_keys, *metric_keys])
         for s in summaries:
             writer.writerow(
                 [

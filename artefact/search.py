@@ -24,7 +24,7 @@ from ray.tune.search.optuna import OptunaSearch
 from artefact.config import Config, from_dict, to_dict
 from artefact.distributed import build_trainer
 from artefact.errors import UserError
-from artefact.tracking import SweepRun
+from artefact.tracking import SweepRun, set_best_checkpoint
 
 TRIAL_DRIVER_CPU = 0.01
 """A trial's driver only waits on its TorchTrainer; {'cpu': 0} is refused by Ray."""
@@ -137,7 +137,10 @@ def _run_trial(params: dict[str, Any], base: dict[str, Any], cache: str, storage
     """One Tune trial: fit a TorchTrainer whose reports flow back to Tune."""
     cfg = apply_trial_params(from_dict(base), params)
     trial_id = tune.get_context().get_trial_id()
-    build_trainer(cfg, Path(cache), Path(storage), trial_id, sweep, callbacks=[TuneReportCallback()]).fit()
+    result = build_trainer(cfg, Path(cache), Path(storage), trial_id, sweep, callbacks=[TuneReportCallback()]).fit()
+    if sweep is not None and result.best_checkpoints:
+        best, _ = max(result.best_checkpoints, key=lambda pair: pair[1].get(cfg.sweep.metric, -math.inf))
+        set_best_checkpoint(sweep, trial_id, best.path)
 
 
 def _trainable(cfg: Config, cache: Path, sweep_dir: Path, sweep: SweepRun | None):
@@ -230,39 +233,47 @@ class TrialSummary:
     best_checkpoint: str | None = None
 
 
-_TRIAL_ID = re.compile(r"_([0-9a-f]{5}_[0-9]{5})_")
+_TRIAL_ID = re.compile(r"_([0-9a-f]{5,}(?:_[0-9]{5})?)_")
 
 
-def summarise(results: tune.ResultGrid, epochs: int, metric: str) -> list[TrialSummary]:
+def summarise(
+    results: tune.ResultGrid, histories: dict[str, list[dict[str, float]]], epochs: int, metric: str
+) -> list[TrialSummary]:
+    """Outcomes from Tune; epoch histories from the tracking store, which, unlike Tune's
+    per-session results, stays complete when a trial is restarted or a sweep resumed."""
     summaries = []
     for result in results:
-        metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or _trial_id_from_path(result.path)
-        history = result.metrics_dataframe
-        rows = history.to_dict("records") if history is not None and len(history) else []
+        trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
+        rows = histories.get(trial_id, [])
         ran = int(max((row.get("epoch", 0) for row in rows), default=0))
         best = max(rows, key=lambda row: row.get(metric, -math.inf), default={})
         if result.error is not None:
             outcome, reason = "failed", _root_cause(result.error)
         else:
             outcome, reason = ("completed" if ran >= epochs else "stopped_early"), None
+        best_metrics = {k: v for k, v in best.items() if "/" in k}
         speeds = [row["perf/img_per_s"] for row in rows if "perf/img_per_s" in row]
-        best_metrics = {k: v for k, v in best.items() if isinstance(v, (int, float)) and "/" in k}
         if speeds:
             best_metrics["perf/img_per_s"] = sum(speeds) / len(speeds)
             best_metrics["perf/peak_mem_mb"] = max(row["perf/peak_mem_mb"] for row in rows)
+        config = result.config or {}
+        params = {k: v for k, v in config.items() if not k.startswith("w_")}
+        raw_weights = {k.removeprefix("w_"): v for k, v in config.items() if k.startswith("w_")}
+        params.update({f"loss_weight_{h}": round(w, 4) for h, w in simplex_weights(raw_weights).items()})
         summaries.append(
-            TrialSummary(
-                trial_id=trial_id,
-                params=dict(result.config or {}),
-                outcome=outcome,
-                epochs=ran,
-                reason=reason,
-                best=best_metrics,
-                best_checkpoint=best.get(CHECKPOINT_PATH_KEY),
-            )
+            TrialSummary(trial_id, params, outcome, ran, reason, best_metrics, _best_checkpoint(result, metric))
         )
     return sorted(summaries, key=lambda s: s.trial_id)
+
+
+def _best_checkpoint(result: tune.Result, metric: str) -> str | None:
+    """Tune's copy of the reports carries each checkpoint's path (absent for epochs that a
+    resumed trial did not re-run; ``_run_trial`` tags those trials itself)."""
+    frame = result.metrics_dataframe
+    if frame is None or CHECKPOINT_PATH_KEY not in frame or metric not in frame or not frame[metric].notna().any():
+        return None
+    path = frame.loc[frame[metric].idxmax(), CHECKPOINT_PATH_KEY]
+    return path if isinstance(path, str) else None
 
 
 def _trial_id_from_path(path: str) -> str:

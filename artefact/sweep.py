@@ -19,10 +19,19 @@ import ray
 from artefact.config import SweepRequest, dump_yaml
 from artefact.data.prepare import ensure_cache
 from artefact.errors import UserError
+from artefact.memory import check_fits
 from artefact.models import resolve_encoder
 from artefact.report import leaderboard, render_text, write_leaderboard
 from artefact.search import can_resume, run_sweep, space_description, summarise
-from artefact.tracking import SweepRun, check_store, close_trial, finish_sweep, log_sweep_artifacts, open_sweep
+from artefact.tracking import (
+    SweepRun,
+    check_store,
+    close_trial,
+    finish_sweep,
+    log_sweep_artifacts,
+    open_sweep,
+    trial_histories,
+)
 
 RAY_ENV = {
     # Train V2 polls worker health every 2 s by default; on short trials that polling
@@ -35,6 +44,7 @@ def validate(request: SweepRequest) -> Path:
     """All user-input checks that need no cluster; returns the sweep folder."""
     for encoder in request.cfg.sweep.encoders:
         resolve_encoder(encoder)
+    check_fits(request.cfg)
     sweep_dir = request.results / request.name
     space_file = sweep_dir / "space.json"
     space = space_description(request.cfg)
@@ -114,7 +124,7 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
             log(f"Ray dashboard: {dashboard}")
         log(f"sweep {request.name}: {cfg.sweep.mode} mode, profile {request.profile}, results in {sweep_dir}")
         results = run_sweep(cfg, cache, sweep_dir, request.name, tracking, request.resume, 2 if request.verbose else 1)
-        summaries = summarise(results, cfg.train.epochs, cfg.sweep.metric)
+        summaries = summarise(results, trial_histories(tracking), cfg.train.epochs, cfg.sweep.metric)
         _close_trials(tracking, summaries)
         rows = leaderboard(summaries, cfg.sweep.mode)
         files = write_leaderboard(rows, summaries, cfg.sweep.mode, sweep_dir)

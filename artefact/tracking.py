@@ -150,6 +150,28 @@ class TrialRun:
         self.client.log_artifact(self.run_id, str(path), folder)
 
 
+def trial_histories(sweep: SweepRun) -> dict[str, list[dict[str, float]]]:
+    """Each trial's metrics per epoch, as logged: the record that survives restarts and resumes."""
+    client = MlflowClient(sweep.uri)
+    runs = client.search_runs(
+        [sweep.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{sweep.parent_run_id}'", max_results=10000
+    )
+    histories = {}
+    for run in runs:
+        by_step: dict[int, dict[str, float]] = {}
+        for key in run.data.metrics:
+            for point in client.get_metric_history(run.info.run_id, key):
+                by_step.setdefault(point.step, {})[key] = point.value
+        histories[run.data.tags[TRIAL_TAG]] = [by_step[step] for step in sorted(by_step)]
+    return histories
+
+
+def set_best_checkpoint(sweep: SweepRun, trial_id: str, path: str) -> None:
+    client = MlflowClient(sweep.uri)
+    run_id, _ = _get_or_create_trial_run(client, sweep, trial_id)
+    client.set_tag(run_id, BEST_CHECKPOINT_TAG, path)
+
+
 def close_trial(sweep: SweepRun, trial_id: str, outcome: str, reason: str | None, best_checkpoint: str | None) -> None:
     """Record how a trial ended; creates the run if the trial died before logging anything."""
     client = MlflowClient(sweep.uri)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def test_parquet_writer_uses_the_hugging_face_schema(tmp_path: Path) -> None:
     assert features["image"] == {"_type": "Image"} and features["id"]["_type"] == "Value"
     first = pq.read_table(shards[0]).to_pylist()[0]
     assert first["annotation"]["path"] and isinstance(first["annotation"]["bytes"], bytes)
-    with Image.open(__import__("io").BytesIO(first["annotation_rgb"]["bytes"])) as rgb:
+    with Image.open(io.BytesIO(first["annotation_rgb"]["bytes"])) as rgb:
         assert rgb.mode == "RGB"
 
     samples = list(read_parquet(tmp_path / "pq"))

@@ -1,0 +1,109 @@
+"""Model construction: output shapes for every arch x head set, fixed-size encoders, aliases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import segmentation_models_pytorch as smp
+import timm
+import torch
+
+from artefact.config import ModelConfig
+from artefact.errors import UserError
+from artefact.models import ENCODER_ALIASES, build_model, count_parameters, resolve_encoder
+
+CLASSES = {"binary": 2, "coarse": 4, "fine": 16}
+TINY = ("tu-test_convnext", "tu-test_resnet", "tu-test_coatnet", "tu-test_maxvit")
+
+
+@pytest.mark.parametrize("encoder", TINY)
+@pytest.mark.parametrize("arch", ["unet", "upernet"])
+@pytest.mark.parametrize("heads", [("fine",), ("binary", "coarse", "fine")], ids=["fine", "three-heads"])
+def test_output_shapes(encoder: str, arch: str, heads: tuple[str, ...]) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch, encoder=encoder, heads=heads), 64)
+    model.train()  # UPerNet's BatchNorm on 1x1 maps needs a batch of 2 in training mode
+    outputs = model(torch.randn(2, 3, 64, 64))
+    assert list(outputs) == list(heads)
+    for head, logits in outputs.items():
+        assert logits.shape == (2, CLASSES[head], 64, 64), head
+        assert torch.isfinite(logits).all()
+    sum(logits.mean() for logits in outputs.values()).backward()
+    assert all(p.grad is not None for p in model.heads.parameters()), "every head is trained"
+
+
+@pytest.mark.parametrize(("encoder", "resolution"), [("tu-test_coatnet", 96), ("tu-test_maxvit", 128)])
+def test_fixed_size_encoder_at_a_non_default_resolution(encoder: str, resolution: int) -> None:
+    """Fixed-size encoders must be built for the resolution; the model then takes exactly that size."""
+    assert timm.get_pretrained_cfg(encoder.removeprefix("tu-")).fixed_input_size
+    plain = smp.Unet(encoder, encoder_weights=None, classes=16).eval()
+    with pytest.raises((RuntimeError, AssertionError)), torch.no_grad():
+        plain(torch.zeros(1, 3, resolution, resolution))  # what happens without img_size
+
+    model = build_model(ModelConfig(encoder=encoder, heads=("binary", "fine")), resolution).eval()
+    with torch.no_grad():
+        outputs = model(torch.zeros(2, 3, resolution, resolution))
+        assert outputs["fine"].shape == (2, 16, resolution, resolution)
+        assert outputs["binary"].shape == (2, 2, resolution, resolution)
+        with pytest.raises((RuntimeError, AssertionError)):
+            model(torch.zeros(1, 3, resolution + 32, resolution + 32))
+
+
+def test_heads_are_separate_modules_sharing_encoder_and_decoder() -> None:
+    one = build_model(ModelConfig(heads=("fine",)), 64)
+    three = build_model(ModelConfig(heads=("binary", "coarse", "fine")), 64)
+    assert set(three.heads) == {"binary", "coarse", "fine"}
+    extra = count_parameters(three) - count_parameters(one)
+    head_params = sum(count_parameters(three.heads[h]) for h in ("binary", "coarse"))
+    assert extra == head_params > 0
+    assert count_parameters(one) == sum(p.numel() for p in one.parameters())
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("convnext_tiny", "tu-convnext_tiny"),
+        ("swin_tiny", "tu-swin_tiny_patch4_window7_224"),
+        ("coatnet_0", "tu-coatnet_0_rw_224"),
+        ("maxvit_tiny", "tu-maxvit_tiny_tf_224"),
+        ("test_convnext", "tu-test_convnext"),
+        ("tu-test_resnet", "tu-test_resnet"),
+        ("tu-convnext_tiny.fb_in1k", "tu-convnext_tiny.fb_in1k"),
+    ],
+)
+def test_encoder_names_resolve(name: str, expected: str) -> None:
+    assert resolve_encoder(name) == expected
+
+
+def test_every_alias_is_a_timm_model() -> None:
+    for target in ENCODER_ALIASES.values():
+        assert timm.is_model(target.removeprefix("tu-"))
+
+
+def test_local_pretrained_weights_file_is_loaded(tmp_path: Path) -> None:
+    state = timm.create_model("test_convnext", pretrained=False).state_dict()
+    state = {k: torch.full_like(v, 0.125) if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(state, tmp_path / "weights.pth")
+    model = build_model(ModelConfig(encoder="tu-test_convnext", pretrained=str(tmp_path / "weights.pth")), 64)
+    values = torch.cat([p.detach().flatten() for p in model.encoder.parameters()])
+    assert torch.all(values == 0.125)
+    with pytest.raises(UserError, match="no such weights file"):
+        build_model(ModelConfig(pretrained=str(tmp_path / "missing.pth")), 64)
+
+
+REAL = [
+    ("convnext_tiny", 31.9e6),
+    ("swin_tiny", 31.6e6),
+    ("coatnet_0", 30.8e6),
+    ("maxvit_tiny", 33.3e6),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("alias", "params"), REAL, ids=[a for a, _ in REAL])
+def test_real_encoders_build_at_256(alias: str, params: float) -> None:
+    model = build_model(ModelConfig(arch="unet", encoder=alias, heads=("fine",), pretrained=False), 256).eval()
+    assert count_parameters(model) == pytest.approx(params, rel=0.02)
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 256, 256))["fine"].shape == (1, 16, 256, 256)

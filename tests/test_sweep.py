@@ -1,0 +1,170 @@
+"""The main job end to end on a real local Ray cluster and a real MLflow store."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from sweep_helpers import bench_command, kill_process_tree, run_bench, sweep_runs
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_default_sweep_logs_every_trial_and_asha_stops_some(tmp_path: Path, synthetic_workspace: Path) -> None:
+    store = tmp_path / "mlflow.db"
+    done = run_bench(tmp_path / "results", synthetic_workspace, store, "--name", "default")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "no --profile given: using cpu-smoke" in done.stdout
+    assert "Ray dashboard: http://127.0.0.1:" in done.stdout
+
+    parent, children = sweep_runs(store, "default")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["profile"] == "cpu-smoke"
+    assert len(children) == 4
+    assert len({c.data.tags["artefact.trial_id"] for c in children}) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    encoders = {c.data.params["encoder"] for c in children}
+    assert encoders == {"tu-test_convnext", "tu-test_resnet"}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        for key in (
+            "encoder",
+            "arch",
+            "heads",
+            "batch_size",
+            "lr",
+            "resolution",
+            "amp",
+            "seed",
+            "loss_weight_binary",
+            "loss_weight_coarse",
+            "loss_weight_fine",
+        ):
+            assert key in child.data.params, key
+        for key in (
+            "train/loss",
+            "val/loss",
+            "val/miou_fine",
+            "val/miou_coarse",
+            "val/miou_binary",
+            "perf/img_per_s",
+            "perf/epoch_s",
+            "perf/peak_mem_mb",
+        ):
+            assert key in child.data.metrics, key
+        assert any(k.startswith("val/iou/") for k in child.data.metrics)
+        assert child.data.tags["artefact.best_checkpoint"]
+    outcomes = [c.data.tags["artefact.outcome"] for c in children]
+    assert "stopped_early" in outcomes, outcomes
+    assert set(outcomes) <= {"completed", "stopped_early"}
+
+    # The default configuration (weights 0.2/0.3/0.5) runs first on each encoder.
+    defaults = [c for c in children if c.data.params["loss_weight_fine"] == "0.5"]
+    assert {c.data.params["encoder"] for c in defaults} == encoders
+
+    client = MlflowClient(f"sqlite:///{store}")
+    history = client.get_metric_history(children[0].info.run_id, "val/miou_fine")
+    assert sorted(m.step for m in history) == list(range(1, len(history) + 1))
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "space.json", "leaderboard.csv", "leaderboard.md"} <= artifacts
+
+    board = tmp_path / "results" / "default" / "leaderboard.csv"
+    rows = list(csv.DictReader(board.open()))
+    assert [r["encoder"] for r in rows] and {r["encoder"] for r in rows} == encoders
+    assert float(rows[0]["miou_fine"]) >= float(rows[-1]["miou_fine"])
+    assert "miou_fine" in done.stdout and "tu-test_convnext" in done.stdout
+
+
+def test_fair_mode_reports_mean_and_std_and_survives_a_failing_trial(tmp_path: Path, synthetic_workspace: Path) -> None:
+    """2 encoders x 2 seeds, plus an encoder SMP cannot use: its trials fail, the rest go on."""
+    store = tmp_path / "mlflow.db"
+    done = run_bench(
+        tmp_path / "results",
+        synthetic_workspace,
+        store,
+        "--name",
+        "fair",
+        "--mode",
+        "fair",
+        "--encoders",
+        "tu-test_convnext,tu-test_resnet,tu-test_vit",
+        "--seeds",
+        "2",
+        "--epochs",
+        "1",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, children = sweep_runs(store, "fair")
+    assert len(children) == 6
+    by_encoder: dict[str, list] = {}
+    for child in children:
+        by_encoder.setdefault(child.data.params.get("encoder", "?"), []).append(child)
+    failed = [c for c in children if c.data.tags["artefact.outcome"] == "failed"]
+    assert len(failed) == 2
+    for child in failed:
+        assert child.info.status == "FAILED"
+        assert "downsampling" in child.data.tags["artefact.failure_reason"]
+    completed = [c for c in children if c.data.tags["artefact.outcome"] == "completed"]
+    assert sorted(c.data.params["encoder"] for c in completed) == ["tu-test_convnext"] * 2 + ["tu-test_resnet"] * 2
+    assert {c.data.params["seed"] for c in completed} == {"0", "1"}
+
+    markdown = (tmp_path / "results" / "fair" / "leaderboard.md").read_text()
+    assert "±" in markdown and "tu-test_resnet" in markdown and "tu-test_vit" not in markdown
+    rows = list(csv.DictReader((tmp_path / "results" / "fair" / "leaderboard.csv").open()))
+    assert {r["trials"] for r in rows} == {"2"}
+    assert all(r["miou_fine_std"] != "" for r in rows)
+    assert "failed" in done.stdout and "tu-test_vit" in done.stdout
+
+
+def _finished_trials(store: Path, sweep: str) -> int:
+    client = MlflowClient(f"sqlite:///{store}")
+    experiment = client.get_experiment_by_name(sweep)
+    if experiment is None:
+        return 0
+    runs = client.search_runs([experiment.experiment_id], "tags.`artefact.role` = 'trial'")
+    return sum(len(client.get_metric_history(r.info.run_id, "val/miou_fine")) >= 2 for r in runs)
+
+
+def test_resume_after_sigkill_finishes_exactly_the_requested_trials(tmp_path: Path, synthetic_workspace: Path) -> None:
+    store, results = tmp_path / "mlflow.db", tmp_path / "results"
+    args = ("--name", "killed", "--trials", "4", "--epochs", "2", "--set", "sweep.scheduler=none")
+    process = subprocess.Popen(
+        bench_command(results, synthetic_workspace, store, *args),
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 400
+    while _finished_trials(store, "killed") < 1:
+        assert process.poll() is None, "the sweep ended before it could be killed"
+        assert time.monotonic() < deadline, "no trial finished in time"
+        time.sleep(2)
+    kill_process_tree(process)
+
+    resumed = run_bench(results, synthetic_workspace, store, *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    parent, children = sweep_runs(store, "killed")
+    trial_ids = [c.data.tags["artefact.trial_id"] for c in children]
+    assert len(trial_ids) == 4 and len(set(trial_ids)) == 4, trial_ids
+    assert parent.info.status == "FINISHED"
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert all(c.data.tags["artefact.outcome"] == "completed" for c in children)
+    trials_csv = list(csv.DictReader((results / "killed" / "trials.csv").open()))
+    assert len(trials_csv) == 4
+
+    # The Optuna study in the sweep folder kept every trial's history.
+    import optuna
+
+    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{results / 'killed' / 'optuna.db'}")
+    assert len(study.trials) >= 4
+
+    other_space = run_bench(results, synthetic_workspace, store, *args, "--resume", "--encoders", "tu-test_resnet")
+    assert other_space.returncode == 2
+    assert "--resume" in other_space.stderr and "Traceback" not in other_space.stderr
