@@ -218,6 +218,12 @@ class Config:
                 self.train.batch_size,
                 ">= 2 with model.arch=upernet (its pyramid pooling BatchNorm needs 2+ samples)",
             )
+            _check(
+                min(self.sweep.batch_sizes) >= 2,
+                "sweep.batch_sizes",
+                list(self.sweep.batch_sizes),
+                "sizes >= 2 with model.arch=upernet (its pyramid pooling BatchNorm needs 2+ samples)",
+            )
 
     def replace(self, **sections: dict[str, Any]) -> Config:
         """A copy with some fields of some sections changed, validated like a loaded config."""

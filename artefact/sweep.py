@@ -45,6 +45,8 @@ def validate(request: SweepRequest) -> Path:
     for encoder in request.cfg.sweep.encoders:
         resolve_encoder(encoder)
     check_fits(request.cfg)
+    if request.cfg.data.path is not None and not Path(request.cfg.data.path).exists():
+        raise UserError(f"--data {request.cfg.data.path}: no such file or folder.")
     sweep_dir = request.results / request.name
     space_file = sweep_dir / "space.json"
     space = space_description(request.cfg)

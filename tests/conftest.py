@@ -1,11 +1,24 @@
-"""Shared fixtures: the built-in synthetic data set, prepared once per session."""
+"""Shared fixtures: the built-in synthetic data set, prepared once per session.
+
+Torch runs single-threaded here. On the 2-core build machines, two intra-op threads that
+compete with any other load slowed a CPU epoch about 20x (12 s -> 254 s); one thread is
+barely slower on an idle machine and steady on a busy one. Subprocesses inherit
+OMP_NUM_THREADS=1.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
-from builders import small_config
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from builders import small_config  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -53,7 +53,7 @@ def test_a_short_cpu_run_learns(tmp_path: Path, synthetic_cache: Path) -> None:
     print(f"untrained val/miou_fine {baseline['val/miou_fine']:.4f}; per epoch {[round(s, 4) for s in scores]}")
     assert [h["epoch"] for h in reporter.history] == [1, 2, 3, 4, 5]
     assert final == reporter.history[-1]
-    assert final["val/miou_fine"] > baseline["val/miou_fine"] + 0.08
+    assert final["val/miou_fine"] > baseline["val/miou_fine"] + 0.06
     assert final["val/loss"] < baseline["val/loss"] - 0.1
     assert reporter.history[-1]["train/loss"] < reporter.history[0]["train/loss"]
 
