@@ -1,83 +1,32 @@
-"""Ray Train: the training loop on the workers of one trial (DDP), and its scaling.
+"""Ray Train: one trial's TorchTrainer (DDP over its workers) and its scaling.
 
-With ``search``, the only module that imports Ray. Each worker runs ``artefact.loop.train``
-unchanged; this module only adapts its reporter to ``ray.train.report`` and, on rank 0,
-to the trial's MLflow child run.
+With ``search`` and ``trial_worker``, the only modules that import Ray. Each worker runs
+``artefact.loop.train`` unchanged (see ``trial_worker``).
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ray.train
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from artefact.checkpoint import CHECKPOINT_FILE
-from artefact.config import Config, ResourcesConfig, from_dict, to_dict
-from artefact.loop import train
-from artefact.tracking import SweepRun, TrialRun
+from artefact.config import Config, ResourcesConfig, to_dict
+
+if TYPE_CHECKING:
+    from artefact.tracking import SweepRun
 
 TRAIN_RUN_PREFIX = "train-"
 
 
-def trial_params(cfg: Config, seed_label: int | None = None) -> dict[str, object]:
-    """The child run's params: what distinguishes one trial from another."""
-    weights = cfg.loss.weights(cfg.model.heads)
-    return {
-        "encoder": cfg.model.encoder,
-        "arch": cfg.model.arch,
-        "heads": ",".join(cfg.model.heads),
-        "batch_size": cfg.train.batch_size,
-        "lr": cfg.train.lr,
-        "resolution": cfg.data.resolution,
-        "amp": cfg.train.amp,
-        "seed": cfg.train.seed,
-        "epochs": cfg.train.epochs,
-        "workers": cfg.resources.workers_per_trial,
-        **{f"loss_weight_{head}": round(weight, 6) for head, weight in weights.items()},
-    }
+def _train_worker(loop_config: dict[str, Any]) -> None:
+    """Each worker's entry point. The heavy modules (timm, SMP, albumentations, MLflow) are
+    imported here, on the workers only: the Train controller and the Tune trial driver
+    deserialize this function too, and would otherwise spend seconds importing them."""
+    from artefact.trial_worker import train_worker
 
-
-class RayReporter:
-    """Forwards each epoch to Ray Train (metrics + checkpoint) and, on rank 0, to MLflow."""
-
-    def __init__(self, run: TrialRun | None) -> None:
-        self.run = run
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
-        if self.run is not None:
-            self.run.log_epoch(metrics, step=int(metrics["epoch"]))
-
-
-def train_worker(loop_config: dict[str, Any]) -> None:
-    """The per-worker entry point of a trial's TorchTrainer."""
-    cfg = from_dict(loop_config["config"])
-    context = ray.train.get_context()
-    run = None
-    if context.get_world_rank() == 0 and loop_config.get("sweep") is not None:
-        run = TrialRun(loop_config["sweep"], loop_config["trial_id"], trial_params(cfg))
-    resume_dir = None
-    checkpoint = ray.train.get_checkpoint()
-    try:
-        if checkpoint is not None:
-            resume_dir = Path(tempfile.mkdtemp(prefix="artefact-resume-"))
-            with checkpoint.as_directory() as folder:
-                shutil.copy(Path(folder) / CHECKPOINT_FILE, resume_dir / CHECKPOINT_FILE)
-        train(
-            cfg,
-            Path(loop_config["cache"]),
-            RayReporter(run),
-            resume_from=resume_dir / CHECKPOINT_FILE if resume_dir else None,
-        )
-    finally:
-        if resume_dir is not None:
-            shutil.rmtree(resume_dir, ignore_errors=True)
+    train_worker(loop_config)
 
 
 def scaling_config(resources: ResourcesConfig) -> ScalingConfig:
@@ -99,7 +48,7 @@ def build_trainer(
 ) -> TorchTrainer:
     """A TorchTrainer for one trial, named after the trial so a restarted trial resumes its run."""
     return TorchTrainer(
-        train_worker,
+        _train_worker,
         train_loop_config={"config": to_dict(cfg), "cache": str(cache), "sweep": sweep, "trial_id": trial_id},
         torch_config=TorchConfig(backend="nccl" if cfg.resources.gpus_per_worker > 0 else "gloo"),
         scaling_config=scaling_config(cfg.resources),

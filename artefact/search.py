@@ -192,8 +192,45 @@ def _param_space(cfg: Config) -> dict[str, Any]:
     return {}
 
 
+class ProgressLog(tune.Callback):
+    """One line per trial event instead of Tune's tables, readable with dozens of trials."""
+
+    def __init__(self, epochs: int, metric: str, log=print) -> None:
+        self.epochs = epochs
+        self.metric = metric
+        self.log = log
+
+    @staticmethod
+    def _label(trial) -> str:
+        config = trial.config
+        details = ", ".join(
+            f"{k}={config[k]:.2g}" if isinstance(config[k], float) else f"{k}={config[k]}"
+            for k in ("encoder", "batch_size", "lr", "seed")
+            if k in config
+        )
+        return f"trial {trial.trial_id} ({details})"
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.log(f"  start  {self._label(trial)}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        running = sum(t.status == "RUNNING" for t in trials)
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        self.log(
+            f"  epoch  {self._label(trial)} {int(result.get('epoch', 0))}/{self.epochs}:"
+            f" {self.metric} {result.get(self.metric, float('nan')):.4f}"
+            f"  [{done} done, {running} running]"
+        )
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.log(f"  end    {self._label(trial)}")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.log(f"  FAILED {self._label(trial)} (reason in the summary below)")
+
+
 def run_sweep(
-    cfg: Config, cache: Path, sweep_dir: Path, name: str, sweep: SweepRun | None, resume: bool, verbose: int = 1
+    cfg: Config, cache: Path, sweep_dir: Path, name: str, sweep: SweepRun | None, resume: bool, verbose: bool = False
 ) -> tune.ResultGrid:
     """Start (or resume) the sweep's Tuner on the connected Ray cluster and wait for it."""
     concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
@@ -209,7 +246,8 @@ def run_sweep(
             run_config=tune.RunConfig(
                 name=TUNE_FOLDER,
                 storage_path=str(sweep_dir.resolve()),
-                verbose=verbose,
+                verbose=2 if verbose else 0,
+                callbacks=[] if verbose else [ProgressLog(cfg.train.epochs, cfg.sweep.metric)],
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
         )

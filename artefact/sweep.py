@@ -15,10 +15,12 @@ import subprocess
 from pathlib import Path
 
 import ray
+import torch
 
 from artefact.config import SweepRequest, dump_yaml
 from artefact.data.prepare import ensure_cache
 from artefact.errors import UserError
+from artefact.hardware import check_gpu_supported
 from artefact.memory import check_fits
 from artefact.models import resolve_encoder
 from artefact.report import leaderboard, render_text, write_leaderboard
@@ -45,6 +47,8 @@ def validate(request: SweepRequest) -> Path:
     for encoder in request.cfg.sweep.encoders:
         resolve_encoder(encoder)
     check_fits(request.cfg)
+    if torch.cuda.is_available():
+        check_gpu_supported(torch.device("cuda"))
     if request.cfg.data.path is not None and not Path(request.cfg.data.path).exists():
         raise UserError(f"--data {request.cfg.data.path}: no such file or folder.")
     sweep_dir = request.results / request.name
@@ -80,8 +84,9 @@ def _check_reachable(address: str) -> None:
 
 
 def _connect_ray(request: SweepRequest) -> str | None:
-    """Join --address, or start a local cluster bound to 127.0.0.1 (token set by ray_auth)."""
+    """Join --address, or start a local cluster bound to 127.0.0.1 (environment from ray_env)."""
     quiet = {} if request.verbose else {"logging_level": logging.WARNING, "log_to_driver": False}
+
     if request.address:
         ray.init(address=request.address, runtime_env={"env_vars": RAY_ENV}, **quiet)
         return None
@@ -93,6 +98,13 @@ def _connect_ray(request: SweepRequest) -> str | None:
         runtime_env={"env_vars": RAY_ENV},
         **quiet,
     )
+    node_address = context.address_info["node_ip_address"]
+    if node_address != "127.0.0.1":
+        ray.shutdown()
+        raise UserError(
+            f"the local Ray cluster bound to {node_address} instead of 127.0.0.1; refusing to run a sweep that"
+            " other machines could reach. Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (see artefact/ray_env.py)."
+        )
     return f"http://{context.dashboard_url}" if context.dashboard_url else None
 
 
@@ -108,6 +120,9 @@ def git_commit() -> str:
 def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
     """Run (or resume) the sweep and return its leaderboard rows."""
     cfg = request.cfg
+    if not request.verbose:
+        for library in ("mlflow", "optuna"):
+            logging.getLogger(library).setLevel(logging.WARNING)
     sweep_dir = validate(request)
     cache = ensure_cache(cfg.data, request.workspace, log)
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -125,7 +140,7 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         if dashboard:
             log(f"Ray dashboard: {dashboard}")
         log(f"sweep {request.name}: {cfg.sweep.mode} mode, profile {request.profile}, results in {sweep_dir}")
-        results = run_sweep(cfg, cache, sweep_dir, request.name, tracking, request.resume, 2 if request.verbose else 1)
+        results = run_sweep(cfg, cache, sweep_dir, request.name, tracking, request.resume, request.verbose)
         summaries = summarise(results, trial_histories(tracking), cfg.train.epochs, cfg.sweep.metric)
         _close_trials(tracking, summaries)
         rows = leaderboard(summaries, cfg.sweep.mode)

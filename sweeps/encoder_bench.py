@@ -135,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--resume needs --name: the sweep to continue.")
         request = build_request(args)
         if not request.address:
-            from artefact.ray_auth import sweep_token_file, use_private_token
+            from artefact.ray_env import prepare_local_cluster, sweep_token_file
 
-            use_private_token(sweep_token_file(request.results, request.name))
-        from artefact.sweep import run  # imports Ray, which reads the auth settings just set
+            prepare_local_cluster(sweep_token_file(request.results, request.name))
+        from artefact.sweep import run  # imports Ray, which reads the settings just made
 
         run(request)
         ui = f"python -m artefact ui --tracking-uri {request.tracking_uri}"

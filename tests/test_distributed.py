@@ -16,9 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import json, sys
 from pathlib import Path
-from artefact.ray_auth import use_private_token
+from artefact.ray_env import prepare_local_cluster
 
-use_private_token(Path(sys.argv[3]))
+prepare_local_cluster(Path(sys.argv[3]))
 import ray
 from artefact.config import Config
 from artefact.distributed import build_trainer
