@@ -236,6 +236,7 @@ class SweepRequest:
 
     cfg: Config
     profile: str
+    profile_file: Path
     name: str
     results: Path
     workspace: Path

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -32,6 +33,7 @@ from artefact.tracking import (
     finish_sweep,
     log_sweep_artifacts,
     open_sweep,
+    sweep_exists,
     trial_histories,
 )
 
@@ -68,6 +70,11 @@ def validate(request: SweepRequest) -> Path:
     if request.address:
         _check_reachable(request.address)
     check_store(request.tracking_uri)
+    if not request.resume and sweep_exists(request.tracking_uri, request.name):
+        raise UserError(
+            f"the MLflow store {request.tracking_uri} already has a sweep named {request.name!r};"
+            " pass another --name (or --resume it if its results folder still exists)."
+        )
     return sweep_dir
 
 
@@ -135,7 +142,8 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
     )
     status = "FAILED"
     try:
-        log_sweep_artifacts(tracking, [sweep_dir / "config.yaml", sweep_dir / "space.json"])
+        shutil.copyfile(request.profile_file, sweep_dir / "profile.yaml")
+        log_sweep_artifacts(tracking, [sweep_dir / "config.yaml", sweep_dir / "space.json", sweep_dir / "profile.yaml"])
         dashboard = _connect_ray(request)
         if dashboard:
             log(f"Ray dashboard: {dashboard}")

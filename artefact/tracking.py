@@ -55,6 +55,15 @@ def check_store(uri: str) -> None:
     MlflowClient(uri).search_experiments(max_results=1)
 
 
+def sweep_exists(uri: str, sweep: str) -> bool:
+    """Whether the store already holds a sweep of this name (a new sweep must not join it)."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(sweep)
+    if experiment is None:
+        return False
+    return bool(client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'"))
+
+
 @dataclass(frozen=True)
 class SweepRun:
     """What a trial needs to log into its sweep; small and picklable for Ray."""

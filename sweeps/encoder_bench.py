@@ -110,6 +110,7 @@ def build_request(args: argparse.Namespace):
     return SweepRequest(
         cfg=cfg,
         profile=profile,
+        profile_file=path,
         name=name,
         results=args.results,
         workspace=args.workspace,

@@ -72,7 +72,8 @@ def test_default_sweep_logs_every_trial_and_asha_stops_some(tmp_path: Path, synt
     history = client.get_metric_history(children[0].info.run_id, "val/miou_fine")
     assert sorted(m.step for m in history) == list(range(1, len(history) + 1))
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"config.yaml", "space.json", "leaderboard.csv", "leaderboard.md"} <= artifacts
+    assert {"config.yaml", "space.json", "profile.yaml", "leaderboard.csv", "leaderboard.md"} <= artifacts
+    assert parent.data.tags["git_commit"]
 
     board = tmp_path / "results" / "default" / "leaderboard.csv"
     rows = list(csv.DictReader(board.open()))

@@ -98,3 +98,16 @@ def test_help_documents_every_flag(capsys) -> None:
         "--verbose",
     ):
         assert flag in text, flag
+
+
+def test_a_new_sweep_never_joins_an_existing_one_in_the_store(tmp_path: Path, capsys, monkeypatch) -> None:
+    from artefact.tracking import open_sweep
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    open_sweep(store, "taken", {"profile": "cpu-smoke"})
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+    code = encoder_bench.main(["--results", str(tmp_path / "results"), "--tracking-uri", store, "--name", "taken"])
+    err = capsys.readouterr().err
+    assert code == 2 and "already has a sweep named 'taken'" in err, err
+    assert not (tmp_path / "results" / "taken").exists()
