@@ -8,6 +8,7 @@ across ranks; only rank 0 writes checkpoints.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -96,12 +97,7 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_epoch, best = 0, -math.inf
     if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, best = state["epoch"] + 1, state["best"]
+        start_epoch, best = _restore(resume_from, model, optimizer, scheduler, scaler)
 
     normalise = _Normaliser(device)
     metrics: dict[str, float] = {}
@@ -163,6 +159,30 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
     return metrics
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "best")
+
+
+def _restore(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, float]:
+    """Load a checkpoint into the training state; returns (first epoch to run, best metric)."""
+    state = load_checkpoint(path)
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise UserError(f"checkpoint {path} lacks {missing}; it was not written by this training loop.")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise UserError(f"checkpoint {path} does not fit this model (another encoder or heads?): {error}") from None
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    saved = state["scheduler"]
+    if saved.get("total_steps") == scheduler.total_steps:
+        scheduler.load_state_dict(saved)
+    else:
+        # More (or fewer) epochs than before: keep the new schedule's shape, continue from the step reached.
+        scheduler.last_epoch = saved["last_epoch"]
+    return state["epoch"] + 1, state["best"]
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -170,9 +190,10 @@ def _seed_everything(seed: int) -> None:
 
 
 def _worker_seed(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    np.random.seed(info.seed % 2**32)
+    random.seed(info.seed)
+    info.dataset.reseed(info.seed)
 
 
 def _train_loader(cfg: Config, dataset: TrainDataset, ranks: Ranks, device: torch.device) -> DataLoader:
@@ -342,7 +363,8 @@ class LocalReporter:
         self.metric = metric
         self.log = log
         self.history: list[dict[str, float]] = []
-        self.best = -math.inf
+        best_file = out / "best" / "metric.json"
+        self.best = json.loads(best_file.read_text())[metric] if best_file.is_file() else -math.inf
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         self.history.append(metrics)
@@ -357,3 +379,6 @@ class LocalReporter:
         if metrics[self.metric] > self.best:
             self.best = metrics[self.metric]
             copy_atomic(checkpoint_dir / CHECKPOINT_FILE, self.out / "best" / CHECKPOINT_FILE)
+            (self.out / "best" / "metric.json").write_text(
+                json.dumps({self.metric: self.best, "epoch": metrics["epoch"]})
+            )

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from builders import small_config
+from builders import random_rows, small_config, write_folder
 from torch.utils.data import DataLoader
 
 from artefact import loop
 from artefact.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from artefact.config import Config
 from artefact.data.dataset import TrainDataset, ValDataset
-from artefact.data.prepare import read_index
+from artefact.data.prepare import PrepareParams, prepare, read_index
 from artefact.errors import UserError
 from artefact.loop import LocalReporter, predict_tiled, train
 from artefact.models import build_model
@@ -121,17 +121,28 @@ def test_resume_continues_an_interrupted_run(tmp_path: Path, synthetic_cache: Pa
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="loop.py bug: the OneCycleLR state restored from the checkpoint keeps the old total_steps "
-    "(epochs=2), so training on to epochs=3 raises 'Tried to step N times'",
-)
-def test_resume_to_more_epochs(tmp_path: Path, synthetic_cache: Path) -> None:
-    train(_resume_config(epochs=2), synthetic_cache, LocalReporter(tmp_path, **QUIET))
+def test_resume_to_more_epochs_keeps_the_best_checkpoint(tmp_path: Path, synthetic_cache: Path) -> None:
+    first = LocalReporter(tmp_path, **QUIET)
+    train(_resume_config(epochs=2), synthetic_cache, first)
+    best_before = max(h["val/miou_fine"] for h in first.history)
+    best_bytes = (tmp_path / "best" / CHECKPOINT_FILE).read_bytes()
     reporter = LocalReporter(tmp_path, **QUIET)
+    assert reporter.best == pytest.approx(best_before)
     train(_resume_config(epochs=3), synthetic_cache, reporter, resume_from=tmp_path / "latest" / CHECKPOINT_FILE)
     assert [h["epoch"] for h in reporter.history] == [3]
+    if reporter.history[0]["val/miou_fine"] <= best_before:
+        assert (tmp_path / "best" / CHECKPOINT_FILE).read_bytes() == best_bytes
+
+
+def test_a_checkpoint_from_elsewhere_is_refused_clearly(tmp_path: Path, synthetic_cache: Path) -> None:
+    torch.save({"model": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(UserError, match="lacks"):
+        train(
+            _resume_config(epochs=1),
+            synthetic_cache,
+            LocalReporter(tmp_path, **QUIET),
+            resume_from=tmp_path / "foreign.pt",
+        )
 
 
 @pytest.mark.slow
@@ -206,3 +217,21 @@ def test_in_memory_store_serves_the_same_arrays(synthetic_cache: Path) -> None:
     for i in range(len(mapped)):
         for a, b in zip(mapped[i][:2], in_ram[i][:2], strict=True):
             assert torch.equal(a, b)
+
+
+def test_augmentations_follow_the_seed_and_differ_between_workers(tmp_path: Path) -> None:
+    """Albumentations' Compose ignores global seeds and is copied into every DataLoader worker."""
+    source = write_folder(tmp_path / "src", random_rows(2, size=(96, 96), materials=("Paper",)))
+    cache = prepare(source, tmp_path / "cache", PrepareParams(), **QUIET)  # one train image, one val
+
+    def crops(seed: int, workers: int) -> torch.Tensor:
+        loop._seed_everything(seed)
+        dataset = TrainDataset(cache, 32, crops_per_image=8)
+        loader = DataLoader(dataset, batch_size=1, num_workers=workers, worker_init_fn=loop._worker_seed)
+        return torch.cat([images for images, _ in loader])
+
+    assert torch.equal(crops(0, workers=0), crops(0, workers=0)), "train.seed makes augmentation reproducible"
+    assert not torch.equal(crops(0, workers=0), crops(1, workers=0))
+    parallel = crops(0, workers=2)  # worker 0 serves items 0, 2, 4, 6 and worker 1 items 1, 3, 5, 7
+    assert not torch.equal(parallel[0::2], parallel[1::2]), "each worker needs its own random stream"
+    assert torch.equal(parallel, crops(0, workers=2))

@@ -65,11 +65,19 @@ class TrainDataset(Dataset):
                 A.HorizontalFlip(),
                 A.VerticalFlip(),
                 A.RandomRotate90(),
-            ]
+            ],
+            # Compose keeps its own RNG and ignores the global seeds: seed it from numpy's global
+            # state (set by train.seed) so that a run is reproducible.
+            seed=int(np.random.randint(0, 2**31 - 1)),
         )
 
     def __len__(self) -> int:
         return len(self.rows) * self.crops_per_image
+
+    def reseed(self, seed: int) -> None:
+        """Called in each DataLoader worker: every worker holds a copy of the same Compose,
+        which would otherwise repeat the same crops and flips in every worker."""
+        self.transform.set_random_seed(seed % 2**31)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.store.get(self.rows[index % len(self.rows)]["id"])
