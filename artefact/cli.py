@@ -72,19 +72,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "prepare":
-        from artefact.config import DataConfig
-        from artefact.data.prepare import params_from, prepare
+        import dataclasses
 
-        data = DataConfig(
-            max_side=args.max_side,
-            val_fraction=args.val_fraction,
-            holdout=args.holdout,
-            augment_copies=args.augment_copies,
-            split_seed=args.split_seed,
-            max_pixels=args.max_pixels,
-            resolution=32,
-        )
-        prepare(args.source, args.out, params_from(data))
+        from artefact.config import DataConfig
+        from artefact.data.prepare import PrepareParams, params_from, prepare
+
+        # Validated as a DataConfig (ranges, holdout syntax); the smallest resolution admits any max side.
+        flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(PrepareParams)}
+        prepare(args.source, args.out, params_from(DataConfig(**flags, resolution=32)))
     elif args.command == "synth":
         from artefact.data.synthetic import generate
 

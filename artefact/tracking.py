@@ -105,10 +105,8 @@ def open_sweep(uri: str, sweep: str, tags: dict[str, str]) -> SweepRun:
     return SweepRun(uri, experiment_id, run_id, sweep)
 
 
-def log_sweep_artifacts(run: SweepRun, paths: list[Path], params: dict[str, object] | None = None) -> None:
+def log_sweep_artifacts(run: SweepRun, paths: list[Path]) -> None:
     client = MlflowClient(run.uri)
-    if params:
-        client.log_batch(run.parent_run_id, params=[Param(k, str(v)) for k, v in params.items()])
     for path in paths:
         client.log_artifact(run.parent_run_id, str(path))
 

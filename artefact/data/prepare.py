@@ -9,6 +9,7 @@ looks like a cache. Re-running with the same parameters reuses the cache.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -227,14 +228,8 @@ def read_index(cache: Path) -> list[dict]:
 
 
 def params_from(cfg: DataConfig) -> PrepareParams:
-    return PrepareParams(
-        max_side=cfg.max_side,
-        val_fraction=cfg.val_fraction,
-        holdout=cfg.holdout,
-        augment_copies=cfg.augment_copies,
-        split_seed=cfg.split_seed,
-        max_pixels=cfg.max_pixels,
-    )
+    """The cache-shaping subset of the data config (same field names)."""
+    return PrepareParams(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(PrepareParams)})
 
 
 def ensure_cache(cfg: DataConfig, workspace: Path, log=print) -> Path:
