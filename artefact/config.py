@@ -176,6 +176,13 @@ class SweepConfig:
         _check(self.scheduler in SCHEDULERS, "sweep.scheduler", self.scheduler, SCHEDULERS)
         _check(self.grace_period >= 1, "sweep.grace_period", self.grace_period, ">= 1")
         _check(self.reduction_factor >= 2, "sweep.reduction_factor", self.reduction_factor, ">= 2")
+        _check(
+            self.metric in ("val/miou_fine", "val/miou_coarse", "val/miou_binary")
+            or self.metric.startswith("val/iou/"),
+            "sweep.metric",
+            self.metric,
+            "a maximised validation metric: val/miou_fine, val/miou_coarse, val/miou_binary or val/iou/<class>",
+        )
 
 
 @dataclass(frozen=True)
@@ -262,6 +269,17 @@ def to_dict(config: Config) -> dict[str, Any]:
         return value
 
     return plain(dataclasses.asdict(config))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}, for comparing configs field by field."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -358,12 +358,15 @@ class _CheckpointFolder:
 class LocalReporter:
     """For runs without Ray: prints one line per epoch and keeps the latest and best checkpoints."""
 
-    def __init__(self, out: Path, metric: str = "val/miou_fine", log=print) -> None:
+    def __init__(self, out: Path, metric: str = "val/miou_fine", log=print, resume: bool = False) -> None:
         self.out = out
         self.metric = metric
         self.log = log
         self.history: list[dict[str, float]] = []
         best_file = out / "best" / "metric.json"
+        if not resume:  # a fresh run must not be compared with (or keep) an earlier run's best
+            for folder in ("best", "latest"):
+                shutil.rmtree(out / folder, ignore_errors=True)
         self.best = json.loads(best_file.read_text())[metric] if best_file.is_file() else -math.inf
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:

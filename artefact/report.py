@@ -22,13 +22,13 @@ def leaderboard(summaries: list[TrialSummary], mode: str) -> list[dict[str, obje
     """Rows per encoder; values are floats (search) or (mean, std) pairs (fair)."""
     by_encoder: dict[str, list[TrialSummary]] = defaultdict(list)
     for summary in summaries:
-        if summary.best:
+        if summary.best and summary.outcome != "failed":
             by_encoder[str(summary.params.get("encoder"))].append(summary)
     rows = []
     for encoder, trials in by_encoder.items():
+        row: dict[str, object] = {"encoder": encoder, "trials": len(trials)}
         if mode == "search":
             trials = [max(trials, key=lambda t: t.best.get("val/miou_fine", -math.inf))]
-        row: dict[str, object] = {"encoder": encoder, "trials": len(trials)}
         for key, column in zip(
             (*HEAD_COLUMNS, "perf/img_per_s", "perf/peak_mem_mb", "model/params"), COLUMNS[2:], strict=True
         ):
@@ -100,7 +100,7 @@ def write_leaderboard(rows: list[dict[str, object]], summaries: list[TrialSummar
         param_keys = sorted({k for s in summaries for k in s.params})
         metric_keys = sorted({k for s in summaries for k in s.best})
         writer = csv.writer(handle)
-        writer.writerow(["trial_id", "outcome", "epochs", "reason", *param_keys, *metric_keys])
+        writer.writerow(["trial_id", "outcome", "epochs", "reason", *param_keys, *metric_keys, "best_checkpoint"])
         for s in summaries:
             writer.writerow(
                 [

@@ -7,6 +7,7 @@ Ray cluster this process started is shut down.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,8 +19,8 @@ from pathlib import Path
 import ray
 import torch
 
-from artefact.config import SweepRequest, dump_yaml
-from artefact.data.prepare import ensure_cache
+from artefact.config import SweepRequest, dump_yaml, flatten, read_yaml, to_dict
+from artefact.data.prepare import cache_params, ensure_cache, is_cache
 from artefact.errors import UserError
 from artefact.hardware import check_gpu_supported
 from artefact.memory import check_fits
@@ -29,6 +30,7 @@ from artefact.search import can_resume, run_sweep, space_description, summarise
 from artefact.tracking import (
     SweepRun,
     check_store,
+    close_open_trials,
     close_trial,
     finish_sweep,
     log_sweep_artifacts,
@@ -54,17 +56,10 @@ def validate(request: SweepRequest) -> Path:
     if request.cfg.data.path is not None and not Path(request.cfg.data.path).exists():
         raise UserError(f"--data {request.cfg.data.path}: no such file or folder.")
     sweep_dir = request.results / request.name
-    space_file = sweep_dir / "space.json"
-    space = space_description(request.cfg)
     if request.resume:
         if not can_resume(sweep_dir):
             raise UserError(f"--resume: no earlier sweep named {request.name!r} in {request.results}; drop --resume.")
-        saved = json.loads(space_file.read_text()) if space_file.is_file() else None
-        if saved != space:
-            raise UserError(
-                f"--resume: sweep {request.name!r} searched {saved}, but this command asks for {space}."
-                " Resume with the same profile and flags, or start a new sweep with --name."
-            )
+        _check_same_config(request, sweep_dir / "config.yaml")
     elif sweep_dir.exists():
         raise UserError(f"sweep {request.name!r} already exists in {sweep_dir}; pass --resume or another --name.")
     if request.address:
@@ -76,6 +71,20 @@ def validate(request: SweepRequest) -> Path:
             " pass another --name (or --resume it if its results folder still exists)."
         )
     return sweep_dir
+
+
+def _check_same_config(request: SweepRequest, saved_file: Path) -> None:
+    """A resumed sweep must train on the same data, split and space as before: a changed split
+    would let resumed trials be scored on images they were trained on."""
+    saved = flatten(read_yaml(saved_file)) if saved_file.is_file() else {}
+    current = flatten(to_dict(request.cfg))
+    changed = sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
+    if changed:
+        details = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed[:6])
+        raise UserError(
+            f"--resume: sweep {request.name!r} ran with another config ({details}). Resume with the same"
+            " profile and flags, or start a new sweep with --name."
+        )
 
 
 def _check_reachable(address: str) -> None:
@@ -124,8 +133,17 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _with_cache_split(request: SweepRequest) -> SweepRequest:
+    """A prepared cache given as --data fixes the split: record the cache's values, not the profile's."""
+    path = request.cfg.data.path
+    if path is None or not is_cache(Path(path)):
+        return request
+    return dataclasses.replace(request, cfg=request.cfg.replace(data=cache_params(Path(path))))
+
+
 def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
     """Run (or resume) the sweep and return its leaderboard rows."""
+    request = _with_cache_split(request)
     cfg = request.cfg
     if not request.verbose:
         for library in ("mlflow", "optuna"):
@@ -162,6 +180,7 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
             log(f"  failed {failed.trial_id} ({failed.params.get('encoder')}): {failed.reason}")
         return rows
     finally:
+        close_open_trials(tracking)
         finish_sweep(tracking, status)
         if ray.is_initialized():
             ray.shutdown()

@@ -52,7 +52,13 @@ def check_store(uri: str) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise UserError(f"--tracking-uri {uri}: cannot create {path.parent} ({error.strerror}).") from None
-    MlflowClient(uri).search_experiments(max_results=1)
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as error:  # MLflow raises many types for a bad URI or an unwritable store
+        reason = " ".join(str(error).split())[:500]
+        raise UserError(
+            f"--tracking-uri {uri}: cannot use this MLflow store ({type(error).__name__}: {reason})."
+        ) from None
 
 
 def sweep_exists(uri: str, sweep: str) -> bool:
@@ -171,6 +177,17 @@ def trial_histories(sweep: SweepRun) -> dict[str, list[dict[str, float]]]:
                 by_step.setdefault(point.step, {})[key] = point.value
         histories[run.data.tags[TRIAL_TAG]] = [by_step[step] for step in sorted(by_step)]
     return histories
+
+
+def close_open_trials(sweep: SweepRun) -> None:
+    """Mark trials still RUNNING (their process died, or the sweep stopped) as KILLED."""
+    client = MlflowClient(sweep.uri)
+    running = client.search_runs(
+        [sweep.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{sweep.parent_run_id}' and attributes.status = 'RUNNING'",
+    )
+    for run in running:
+        client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def set_best_checkpoint(sweep: SweepRun, trial_id: str, path: str) -> None:

@@ -8,6 +8,7 @@ it runs the real sweep. Everything is logged to MLflow (see `python -m artefact 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from artefact.cli import run_cli  # noqa: E402
 from artefact.errors import UserError  # noqa: E402
 
 PROFILES = REPO / "sweeps"
+SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,24 +108,39 @@ def build_request(args: argparse.Namespace):
         flags["data"]["path"] = str(Path(args.data).resolve())
     raw = deep_merge(deep_merge(raw, flags), parse_overrides(args.overrides))
     cfg = from_dict(raw, f"{path} with command-line flags")
-    name = args.name or _free_name(args.results, f"{profile}-{cfg.sweep.mode}")
+    results, workspace = args.results.resolve(), args.workspace.resolve()
+    tracking_uri = _absolute_sqlite(args.tracking_uri or f"sqlite:///{REPO / 'mlflow' / 'mlflow.db'}")
+    if args.name is not None and not SWEEP_NAME.fullmatch(args.name):
+        raise UserError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-' only (it names folders).")
+    name = args.name or _free_name(results, tracking_uri, f"{profile}-{cfg.sweep.mode}")
     return SweepRequest(
         cfg=cfg,
         profile=profile,
         profile_file=path,
         name=name,
-        results=args.results,
-        workspace=args.workspace,
-        tracking_uri=args.tracking_uri or f"sqlite:///{REPO / 'mlflow' / 'mlflow.db'}",
+        results=results,
+        workspace=workspace,
+        tracking_uri=tracking_uri,
         address=args.address,
         resume=args.resume,
         verbose=args.verbose,
     )
 
 
-def _free_name(results: Path, stem: str) -> str:
+def _absolute_sqlite(uri: str) -> str:
+    """Ray runs trials in other folders, so a relative SQLite path must be made absolute here."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
+def _free_name(results: Path, tracking_uri: str, stem: str) -> str:
+    """The first <stem>-<n> used neither by a results folder nor by a sweep in the MLflow store."""
+    from artefact.tracking import check_store, sweep_exists
+
+    check_store(tracking_uri)
     number = 1
-    while (results / f"{stem}-{number}").exists():
+    while (results / f"{stem}-{number}").exists() or sweep_exists(tracking_uri, f"{stem}-{number}"):
         number += 1
     return f"{stem}-{number}"
 

@@ -104,7 +104,7 @@ def test_resume_continues_an_interrupted_run(tmp_path: Path, synthetic_cache: Pa
         return original(net, *args, **kwargs)
 
     monkeypatch.setattr(loop, "_train_epoch", spy)
-    reporter = LocalReporter(tmp_path, **QUIET)
+    reporter = LocalReporter(tmp_path, **QUIET, resume=True)
     train(cfg, synthetic_cache, reporter, resume_from=latest)
 
     assert [h["epoch"] for h in reporter.history] == [3], "the resumed run starts at epoch 3"
@@ -126,7 +126,7 @@ def test_resume_to_more_epochs_keeps_the_best_checkpoint(tmp_path: Path, synthet
     train(_resume_config(epochs=2), synthetic_cache, first)
     best_before = max(h["val/miou_fine"] for h in first.history)
     best_bytes = (tmp_path / "best" / CHECKPOINT_FILE).read_bytes()
-    reporter = LocalReporter(tmp_path, **QUIET)
+    reporter = LocalReporter(tmp_path, **QUIET, resume=True)
     assert reporter.best == pytest.approx(best_before)
     train(_resume_config(epochs=3), synthetic_cache, reporter, resume_from=tmp_path / "latest" / CHECKPOINT_FILE)
     assert [h["epoch"] for h in reporter.history] == [3]
@@ -235,3 +235,11 @@ def test_augmentations_follow_the_seed_and_differ_between_workers(tmp_path: Path
     parallel = crops(0, workers=2)  # worker 0 serves items 0, 2, 4, 6 and worker 1 items 1, 3, 5, 7
     assert not torch.equal(parallel[0::2], parallel[1::2]), "each worker needs its own random stream"
     assert torch.equal(parallel, crops(0, workers=2))
+
+
+def test_a_fresh_run_forgets_an_earlier_runs_best(tmp_path: Path) -> None:
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "metric.json").write_text('{"val/miou_fine": 0.99}')
+    assert LocalReporter(tmp_path, **QUIET, resume=True).best == 0.99
+    assert LocalReporter(tmp_path, **QUIET).best == -math.inf
+    assert not (tmp_path / "best").exists()

@@ -46,6 +46,9 @@ CASES = {
         ["--tracking-uri", f"http://127.0.0.1:{_free_port()}"],
         "the MLflow server does not answer",
     ),
+    "a metric that is minimised": (["--set", "sweep.metric=val/loss"], "a maximised validation metric"),
+    "a sweep name that is a path": (["--name", "../elsewhere"], "--name '../elsewhere'"),
+    "a tracking URI that is no store": (["--tracking-uri", "sqlite://nohost"], "cannot use this MLflow store"),
     "data path missing": (["--data", "/nonexistent/artefact"], "--data /nonexistent/artefact: no such file"),
 }
 
@@ -111,3 +114,17 @@ def test_a_new_sweep_never_joins_an_existing_one_in_the_store(tmp_path: Path, ca
     err = capsys.readouterr().err
     assert code == 2 and "already has a sweep named 'taken'" in err, err
     assert not (tmp_path / "results" / "taken").exists()
+
+
+def test_a_prepared_cache_given_as_data_fixes_the_recorded_split(synthetic_cache: Path, tmp_path: Path) -> None:
+    import json
+
+    from artefact.config import Config, SweepRequest
+    from artefact.sweep import _with_cache_split
+
+    cfg = Config().replace(data={"path": str(synthetic_cache), "val_fraction": 0.5, "split_seed": 9})
+    request = SweepRequest(cfg, "cpu-smoke", tmp_path / "p.yaml", "x", tmp_path, tmp_path, "sqlite:///x.db")
+    recorded = _with_cache_split(request).cfg.data
+    prepared = json.loads((synthetic_cache / "manifest.json").read_text())["params"]
+    assert (recorded.val_fraction, recorded.split_seed) == (prepared["val_fraction"], prepared["split_seed"])
+    assert recorded.path == str(synthetic_cache)

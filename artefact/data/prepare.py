@@ -232,6 +232,11 @@ def params_from(cfg: DataConfig) -> PrepareParams:
     return PrepareParams(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(PrepareParams)})
 
 
+def cache_params(cache: Path) -> dict[str, object]:
+    """The data-config fields a cache was prepared with, from its manifest."""
+    return json.loads((cache / MANIFEST).read_text())["params"]
+
+
 def ensure_cache(cfg: DataConfig, workspace: Path, log=print) -> Path:
     """The cache a run trains on: the given cache, a cache prepared from a raw source, or
     the built-in synthetic data set (generated on first use and reused afterwards)."""
