@@ -32,6 +32,7 @@ from artefact.tracking import (
     check_store,
     close_open_trials,
     close_trial,
+    delete_sweep,
     finish_sweep,
     log_sweep_artifacts,
     open_sweep,
@@ -180,10 +181,15 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
             log(f"  failed {failed.trial_id} ({failed.params.get('encoder')}): {failed.reason}")
         return rows
     finally:
-        close_open_trials(tracking)
-        finish_sweep(tracking, status)
         if ray.is_initialized():
             ray.shutdown()
+        if status == "FAILED" and not request.resume and not can_resume(sweep_dir):
+            # Nothing ran: leave nothing behind, so the same command can simply be run again.
+            delete_sweep(tracking)
+            shutil.rmtree(sweep_dir, ignore_errors=True)
+        else:
+            close_open_trials(tracking)
+            finish_sweep(tracking, status)
 
 
 def _close_trials(tracking: SweepRun, summaries) -> None:

@@ -117,6 +117,15 @@ def log_sweep_artifacts(run: SweepRun, paths: list[Path]) -> None:
         client.log_artifact(run.parent_run_id, str(path))
 
 
+def delete_sweep(run: SweepRun) -> None:
+    """Remove a sweep that never got to run a trial: its parent run and any child runs."""
+    client = MlflowClient(run.uri)
+    children = client.search_runs([run.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{run.parent_run_id}'")
+    for child in children:
+        client.delete_run(child.info.run_id)
+    client.delete_run(run.parent_run_id)
+
+
 def finish_sweep(run: SweepRun, status: str = "FINISHED") -> None:
     MlflowClient(run.uri).set_terminated(run.parent_run_id, status=status)
 

@@ -128,3 +128,23 @@ def test_a_prepared_cache_given_as_data_fixes_the_recorded_split(synthetic_cache
     prepared = json.loads((synthetic_cache / "manifest.json").read_text())["params"]
     assert (recorded.val_fraction, recorded.split_seed) == (prepared["val_fraction"], prepared["split_seed"])
     assert recorded.path == str(synthetic_cache)
+
+
+def test_a_sweep_that_fails_before_any_trial_leaves_nothing_behind(tmp_path: Path, monkeypatch) -> None:
+    """E.g. the local cluster refusing to start: the same command can then simply be run again."""
+    from artefact import sweep
+    from artefact.config import Config, SweepRequest
+    from artefact.errors import UserError
+    from artefact.tracking import sweep_exists
+
+    def refuse(request):
+        raise UserError("the local Ray cluster bound to 10.0.0.1 instead of 127.0.0.1")
+
+    monkeypatch.setattr(sweep, "_connect_ray", refuse)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    profile = REPO / "sweeps" / "cpu-smoke.yaml"
+    request = SweepRequest(Config(), "cpu-smoke", profile, "early", tmp_path / "results", tmp_path / "ws", store)
+    with pytest.raises(UserError, match="bound to"):
+        sweep.run(request, log=lambda *_: None)
+    assert not (tmp_path / "results" / "early").exists()
+    assert not sweep_exists(store, "early")
