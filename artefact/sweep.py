@@ -146,9 +146,6 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
     """Run (or resume) the sweep and return its leaderboard rows."""
     request = _with_cache_split(request)
     cfg = request.cfg
-    if not request.verbose:
-        for library in ("mlflow", "optuna"):
-            logging.getLogger(library).setLevel(logging.WARNING)
     sweep_dir = validate(request)
     cache = ensure_cache(cfg.data, request.workspace, log)
     sweep_dir.mkdir(parents=True, exist_ok=True)

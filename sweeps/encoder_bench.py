@@ -8,6 +8,7 @@ it runs the real sweep. Everything is logged to MLflow (see `python -m artefact 
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 from pathlib import Path
@@ -149,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def go() -> int:
+        if not args.verbose:  # MLflow and Optuna announce routine steps at INFO
+            for library in ("mlflow", "optuna"):
+                logging.getLogger(library).setLevel(logging.WARNING)
         if args.resume and not args.name:
             raise UserError("--resume needs --name: the sweep to continue.")
         request = build_request(args)
