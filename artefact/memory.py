@@ -11,7 +11,7 @@ import torch
 
 from artefact.config import Config, ModelConfig
 from artefact.errors import UserError
-from artefact.models import build_model, count_parameters
+from artefact.models import count_parameters, meta_model
 
 OPTIMISER_COPIES = 4
 """fp32 weights, gradients and AdamW's two moments."""
@@ -28,11 +28,11 @@ def estimate_training_gb(model_cfg: ModelConfig, resolution: int, batch_size: in
         saved += tensor.numel() * tensor.element_size()
         return tensor
 
-    with torch.device("meta"):
-        model = build_model(ModelConfig(model_cfg.arch, model_cfg.encoder, model_cfg.heads, False), resolution)
-        with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
-            model(torch.zeros(1, 3, resolution, resolution))
-    activations = saved * (0.5 if amp else 1.0) * batch_size
+    model = meta_model(model_cfg, resolution)
+    # Two images, not one: in training mode UPerNet's pooled BatchNorm refuses a batch of one.
+    with torch.device("meta"), torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+        model(torch.zeros(2, 3, resolution, resolution))
+    activations = saved / 2 * (0.5 if amp else 1.0) * batch_size
     return (count_parameters(model) * 4 * OPTIMISER_COPIES + activations) / 2**30 + CUDA_OVERHEAD_GB
 
 

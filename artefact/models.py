@@ -13,6 +13,7 @@ import segmentation_models_pytorch as smp
 import timm
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from artefact.config import ModelConfig
 from artefact.errors import UserError
@@ -126,3 +127,21 @@ def _check_resolution(model: nn.Module, encoder: str, resolution: int) -> None:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def meta_model(cfg: ModelConfig, resolution: int) -> SegmentationModel:
+    """The model on PyTorch's meta device: shapes only, no weights and no compute, so
+    costs can be counted in a second even for the large encoders."""
+    with torch.device("meta"):
+        return build_model(ModelConfig(cfg.arch, cfg.encoder, cfg.heads, False), resolution)
+
+
+def forward_gflop(cfg: ModelConfig, resolution: int) -> float:
+    """Forward-pass GFLOP per image at ``resolution`` (a multiply-add counts as 2 FLOP).
+
+    Training costs about three times this (forward, plus backward for inputs and weights).
+    """
+    model = meta_model(cfg, resolution).eval()
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, resolution, resolution))
+    return counter.get_total_flops() / 1e9

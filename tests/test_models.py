@@ -11,7 +11,8 @@ import torch
 
 from artefact.config import ModelConfig
 from artefact.errors import UserError
-from artefact.models import ENCODER_ALIASES, build_model, count_parameters, resolve_encoder
+from artefact.memory import estimate_training_gb
+from artefact.models import ENCODER_ALIASES, build_model, count_parameters, forward_gflop, resolve_encoder
 
 CLASSES = {"binary": 2, "coarse": 4, "fine": 16}
 TINY = ("tu-test_convnext", "tu-test_resnet", "tu-test_coatnet", "tu-test_maxvit")
@@ -107,3 +108,12 @@ def test_real_encoders_build_at_256(alias: str, params: float) -> None:
     assert count_parameters(model) == pytest.approx(params, rel=0.02)
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 256, 256))["fine"].shape == (1, 16, 256, 256)
+
+
+@pytest.mark.parametrize("arch", ["unet", "upernet"])
+def test_costs_are_counted_on_the_meta_device_for_both_architectures(arch: str) -> None:
+    model = ModelConfig(arch, "tu-test_convnext", ("binary", "coarse", "fine"), False)
+    small, large = forward_gflop(model, 64), forward_gflop(model, 128)
+    assert small > 0 and large == pytest.approx(4 * small, rel=0.05)  # FLOP grow with the pixel count
+    one, eight = estimate_training_gb(model, 64, 1, amp=True), estimate_training_gb(model, 64, 8, amp=True)
+    assert eight > one > 0
