@@ -141,7 +141,6 @@ def _train(args: argparse.Namespace) -> None:
     cache = ensure_cache(cfg.data, args.workspace)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config.yaml").write_text(dump_yaml(cfg))
-    metrics = train(
-        cfg, cache, LocalReporter(args.out, resume=args.resume), resume_from=resume if args.resume else None
-    )
+    reporter = LocalReporter(args.out, cfg.sweep.metric, resume=args.resume)
+    metrics = train(cfg, cache, reporter, resume_from=resume if args.resume else None)
     print(f"done: val/miou_fine {metrics.get('val/miou_fine', float('nan')):.4f}; checkpoints in {args.out}")

@@ -30,23 +30,29 @@ from artefact.checkpoint import CHECKPOINT_FILE, copy_atomic, load_checkpoint, s
 from artefact.config import Config
 from artefact.data.dataset import TrainDataset, ValDataset
 from artefact.errors import UserError
+from artefact.figures import Evaluation, Prediction, evaluation_figures
 from artefact.hardware import amp_dtype, peak_memory_mb, reset_peak_memory, select_device
 from artefact.losses import multitask_loss
 from artefact.metrics import confusion_matrix, iou_per_class, mean_iou
-from artefact.models import build_model, count_parameters
-from artefact.taxonomy import FINE_NAMES, HEAD_CLASS_NAMES, HEAD_LUTS
+from artefact.models import build_model, count_parameters, forward_gflop
+from artefact.taxonomy import FINE_NAMES, HEAD_CLASS_NAMES, HEAD_LUTS, IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+PREDICTION_IMAGES = 3
+"""Validation images drawn as prediction overlays for the best epoch."""
+PREVIEW_SIDE = 768
+"""Longest side of an overlay image; larger validation images are subsampled."""
 
 
 class Reporter(Protocol):
-    """Receives one epoch's metrics and, on rank 0, a folder holding its checkpoint.
+    """Receives one epoch's metrics and, on rank 0, a folder holding its checkpoint and,
+    when the epoch is the best so far, its evaluation (for figures).
 
     The folder is temporary: a reporter that wants to keep it must copy it before returning.
     """
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None: ...
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, evaluation: Evaluation | None) -> None: ...
 
 
 class TrainingDiverged(RuntimeError):
@@ -81,6 +87,7 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
 
     model = build_model(cfg.model, cfg.data.resolution).to(device)
     parameters = count_parameters(model)
+    gflop = forward_gflop(cfg.model, cfg.data.resolution)
     net: nn.Module = DistributedDataParallel(model) if ranks.distributed else model
 
     train_set = TrainDataset(cache, cfg.data.resolution, cfg.data.crops_per_image, cfg.data.in_memory)
@@ -88,6 +95,7 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
     train_loader = _train_loader(cfg, train_set, ranks, device)
     steps_per_epoch = min(len(train_loader), cfg.train.steps_per_epoch or len(train_loader))
     val_shard = Subset(val_set, list(range(ranks.rank, len(val_set), ranks.world)))
+    val_ids = [val_set.rows[index]["id"] for index in val_shard.indices]
     val_loader = DataLoader(val_shard, batch_size=1, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -121,10 +129,11 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
             epoch,
         )
         train_seconds = time.perf_counter() - started
-        val_metrics = _validate(
+        val_metrics, confusion, predictions = _validate(
             model,
             val_loader,
             val_set.materials,
+            val_ids if ranks.rank == 0 else [],
             normalise,
             weights,
             dtype,
@@ -142,8 +151,13 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
             "perf/peak_mem_mb": peak_memory_mb(device),
             "perf/workers": ranks.world,
             "model/params": parameters,
+            "model/gflop_per_image": gflop,
         }
-        best = max(best, metrics["val/miou_fine"])
+        score = metrics.get(cfg.sweep.metric, -math.inf)
+        evaluation = None
+        if score > best and ranks.rank == 0:
+            evaluation = Evaluation(epoch + 1, confusion, predictions)
+        best = max(best, score)
         state = None
         if ranks.rank == 0:
             state = {
@@ -155,7 +169,7 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
                 "best": best,
             }
         with _CheckpointFolder(state) as checkpoint_dir:
-            reporter.report(metrics, checkpoint_dir)
+            reporter.report(metrics, checkpoint_dir, evaluation)
     return metrics
 
 
@@ -300,7 +314,11 @@ def predict_tiled(model: nn.Module, image: torch.Tensor, resolution: int, chunk:
 
 
 @torch.no_grad()
-def _validate(model, loader, materials, normalise, weights, dtype, resolution, chunk, ranks) -> dict[str, float]:
+def _validate(
+    model, loader, materials, preview_ids, normalise, weights, dtype, resolution, chunk, ranks
+) -> tuple[dict[str, float], dict[str, np.ndarray], list[Prediction]]:
+    """Metrics, confusion counts per head (summed over ranks) and predictions for the first
+    ``PREDICTION_IMAGES`` of ``preview_ids`` (empty on ranks other than 0)."""
     model.eval()
     device = normalise.device
     heads = list(weights)
@@ -310,7 +328,8 @@ def _validate(model, loader, materials, normalise, weights, dtype, resolution, c
     }
     by_material = torch.zeros(len(materials), len(FINE_NAMES), len(FINE_NAMES), dtype=torch.long, device=device)
     loss_sum = torch.zeros(2, device=device)
-    for image, mask, material in loader:
+    predictions: list[Prediction] = []
+    for index, (image, mask, material) in enumerate(loader):
         targets = normalise.targets(mask, heads)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = predict_tiled(model, normalise.images(image), resolution, chunk)
@@ -321,6 +340,8 @@ def _validate(model, loader, materials, normalise, weights, dtype, resolution, c
             confusion[head] += cm
             if head == "fine":
                 by_material[int(material)] += cm
+        if index < min(PREDICTION_IMAGES, len(preview_ids)):
+            predictions.append(_preview(preview_ids[index], image[0], mask[0], logits["fine"][0].argmax(0)))
     if ranks.distributed:
         for cm in (*confusion.values(), by_material, loss_sum):
             dist.all_reduce(cm)
@@ -333,7 +354,23 @@ def _validate(model, loader, materials, normalise, weights, dtype, resolution, c
     for name, cm in zip(materials, by_material, strict=True):
         if cm.sum() > 0:
             metrics[f"val/miou_fine_by_material/{name}"] = mean_iou(cm)
-    return metrics
+    return metrics, {head: counts.cpu().numpy() for head, counts in confusion.items()}, predictions
+
+
+def _preview(sample_id: str, image: torch.Tensor, truth: torch.Tensor, predicted: torch.Tensor) -> Prediction:
+    """A subsampled host copy of one validation image, its truth and its prediction, without
+    the padding that ``ValDataset`` added (zero pixels, ignored labels)."""
+    content = (truth != IGNORE_INDEX) | (image.amax(0) > 0)
+    height = int(content.any(1).nonzero().max()) + 1 if content.any() else truth.shape[0]
+    width = int(content.any(0).nonzero().max()) + 1 if content.any() else truth.shape[1]
+    image, truth, predicted = image[:, :height, :width], truth[:height, :width], predicted[:height, :width]
+    step = max(1, math.ceil(max(height, width) / PREVIEW_SIDE))
+    return Prediction(
+        sample_id,
+        image[:, ::step, ::step].permute(1, 2, 0).cpu().numpy(),
+        truth[::step, ::step].cpu().numpy().astype(np.uint8),
+        predicted[::step, ::step].cpu().numpy().astype(np.uint8),
+    )
 
 
 class _CheckpointFolder:
@@ -356,7 +393,8 @@ class _CheckpointFolder:
 
 
 class LocalReporter:
-    """For runs without Ray: prints one line per epoch and keeps the latest and best checkpoints."""
+    """For runs without Ray: prints one line per epoch, keeps the latest and best checkpoints
+    and draws the best epoch's figures in ``out/figures``."""
 
     def __init__(self, out: Path, metric: str = "val/miou_fine", log=print, resume: bool = False) -> None:
         self.out = out
@@ -365,17 +403,19 @@ class LocalReporter:
         self.history: list[dict[str, float]] = []
         best_file = out / "best" / "metric.json"
         if not resume:  # a fresh run must not be compared with (or keep) an earlier run's best
-            for folder in ("best", "latest"):
+            for folder in ("best", "latest", "figures"):
                 shutil.rmtree(out / folder, ignore_errors=True)
         self.best = json.loads(best_file.read_text())[metric] if best_file.is_file() else -math.inf
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, evaluation: Evaluation | None) -> None:
         self.history.append(metrics)
         self.log(
             f"epoch {int(metrics['epoch'])}: train/loss {metrics['train/loss']:.4f}  val/loss {metrics['val/loss']:.4f}"
             f"  {self.metric} {metrics[self.metric]:.4f}  {metrics['perf/img_per_s']:.1f} img/s"
             f"  {metrics['perf/peak_mem_mb']:.0f} MB"
         )
+        if evaluation is not None:
+            evaluation_figures(evaluation, self.out / "figures")
         if checkpoint_dir is None:
             return
         copy_atomic(checkpoint_dir / CHECKPOINT_FILE, self.out / "latest" / CHECKPOINT_FILE)

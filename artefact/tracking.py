@@ -26,6 +26,7 @@ TRIAL_TAG = "artefact.trial_id"
 OUTCOME_TAG = "artefact.outcome"
 REASON_TAG = "artefact.failure_reason"
 BEST_CHECKPOINT_TAG = "artefact.best_checkpoint"
+EVALUATION_TAG = "artefact.evaluation"
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 FINAL_STATUS = {"completed": "FINISHED", "stopped_early": "FINISHED", "failed": "FAILED"}
@@ -111,10 +112,15 @@ def open_sweep(uri: str, sweep: str, tags: dict[str, str]) -> SweepRun:
     return SweepRun(uri, experiment_id, run_id, sweep)
 
 
-def log_sweep_artifacts(run: SweepRun, paths: list[Path]) -> None:
+def log_sweep_artifacts(run: SweepRun, paths: list[Path], folder: str | None = None) -> None:
     client = MlflowClient(run.uri)
     for path in paths:
-        client.log_artifact(run.parent_run_id, str(path))
+        client.log_artifact(run.parent_run_id, str(path), folder)
+
+
+def run_page(run: SweepRun, server: str) -> str:
+    """The parent run's page in an MLflow UI served at ``server``."""
+    return f"{server.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.parent_run_id}"
 
 
 def delete_sweep(run: SweepRun) -> None:
@@ -168,8 +174,17 @@ class TrialRun:
         for start in range(0, len(rows), 1000):
             self.client.log_batch(self.run_id, metrics=rows[start : start + 1000])
 
-    def log_artifact(self, path: Path, folder: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), folder)
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_evaluation(self, folder: Path, artifact_path: str) -> None:
+        """Log the best epoch's figures, then point the run's evaluation tag at them.
+
+        Each epoch gets its own folder and the tag moves only once every file is in, so a
+        trial stopped mid-upload (ASHA kills it) still points at a complete set.
+        """
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+        self.client.set_tag(self.run_id, EVALUATION_TAG, artifact_path)
 
 
 def trial_histories(sweep: SweepRun) -> dict[str, list[dict[str, float]]]:

@@ -9,12 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import ray.train
+import yaml
 from ray.train import Checkpoint
 
 from artefact.checkpoint import CHECKPOINT_FILE
-from artefact.config import Config, from_dict
+from artefact.config import Config, dump_yaml, from_dict
+from artefact.figures import Evaluation, evaluation_figures
 from artefact.loop import train
 from artefact.tracking import TrialRun
+
+EVALUATION_FOLDER = "evaluation"
 
 
 def trial_params(cfg: Config) -> dict[str, object]:
@@ -36,16 +40,45 @@ def trial_params(cfg: Config) -> dict[str, object]:
 
 
 class RayReporter:
-    """Forwards each epoch to Ray Train (metrics + checkpoint) and, on rank 0, to MLflow."""
+    """Forwards each epoch to Ray Train (metrics + checkpoint) and, on rank 0, to MLflow:
+    metrics per epoch, the resolved config and model summary once, and the best epoch's figures."""
 
-    def __init__(self, run: TrialRun | None) -> None:
+    def __init__(self, run: TrialRun | None, cfg: Config) -> None:
         self.run = run
+        self.cfg = cfg
+        self.described = False
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, evaluation: Evaluation | None) -> None:
+        if self.run is not None and evaluation is not None:
+            # Before the Ray report: ASHA may stop the trial as soon as Tune sees this epoch.
+            with tempfile.TemporaryDirectory(prefix="artefact-figures-") as folder:
+                evaluation_figures(evaluation, Path(folder))
+                self.run.log_evaluation(Path(folder), f"{EVALUATION_FOLDER}/epoch_{evaluation.epoch:03d}")
         checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
-        if self.run is not None:
-            self.run.log_epoch(metrics, step=int(metrics["epoch"]))
+        if self.run is None:
+            return
+        self.run.log_epoch(metrics, step=int(metrics["epoch"]))
+        if not self.described:
+            self.run.log_text(dump_yaml(self.cfg), "config.yaml")
+            self.run.log_text(model_summary(self.cfg, metrics), "model_summary.yaml")
+            self.described = True
+
+
+def model_summary(cfg: Config, metrics: dict[str, float]) -> str:
+    """Parameters and GFLOP per image, the numbers a paper's model table needs."""
+    gflop = metrics["model/gflop_per_image"]
+    summary = {
+        "encoder": cfg.model.encoder,
+        "arch": cfg.model.arch,
+        "heads": list(cfg.model.heads),
+        "resolution": cfg.data.resolution,
+        "parameters": int(metrics["model/params"]),
+        "parameters_millions": round(metrics["model/params"] / 1e6, 3),
+        "gflop_forward_per_image": round(gflop, 3),
+        "gflop_training_per_image": round(3 * gflop, 3),
+    }
+    return yaml.safe_dump(summary, sort_keys=False)
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -65,7 +98,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         train(
             cfg,
             Path(loop_config["cache"]),
-            RayReporter(run),
+            RayReporter(run, cfg),
             resume_from=resume_dir / CHECKPOINT_FILE if resume_dir else None,
         )
     finally:

@@ -33,13 +33,14 @@ def untrained_metrics(cfg: Config, cache: Path) -> dict[str, float]:
         model,
         DataLoader(val_set, batch_size=1),
         val_set.materials,
+        [],
         loop._Normaliser(torch.device("cpu")),
         cfg.loss.weights(cfg.model.heads),
         None,
         cfg.data.resolution,
         cfg.train.batch_size,
         loop.Ranks(),
-    )
+    )[0]
 
 
 @pytest.mark.slow
@@ -59,6 +60,7 @@ def test_a_short_cpu_run_learns(tmp_path: Path, synthetic_cache: Path) -> None:
 
     # The metrics a sweep and MLflow rely on.
     assert final["model/params"] == 1_697_384
+    assert final["model/gflop_per_image"] > 0
     assert final["perf/img_per_s"] > 0 and final["perf/peak_mem_mb"] > 0
     assert any(key.startswith("val/iou/") and key[8:] in FINE_NAMES for key in final)
     assert sum(key.startswith("val/miou_fine_by_material/") for key in final) == 10
@@ -69,6 +71,11 @@ def test_a_short_cpu_run_learns(tmp_path: Path, synthetic_cache: Path) -> None:
     assert latest["epoch"] == 4 and latest["best"] == pytest.approx(max(scores))
     assert best["epoch"] == int(np.argmax(scores))
 
+    # The best epoch's figures: one confusion matrix per head, overlays of the first val images.
+    figures = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert figures[0] == "confusion_fine.png" and len(figures) == 1 + loop.PREDICTION_IMAGES, figures
+    assert all(name.startswith("prediction_") for name in figures[1:])
+
 
 class _StopAfter(LocalReporter):
     """Keeps checkpoints like LocalReporter, then simulates a killed job after ``epochs`` epochs."""
@@ -77,8 +84,8 @@ class _StopAfter(LocalReporter):
         super().__init__(out, **QUIET)
         self.stop_after = epochs
 
-    def report(self, metrics, checkpoint_dir) -> None:
-        super().report(metrics, checkpoint_dir)
+    def report(self, metrics, checkpoint_dir, evaluation) -> None:
+        super().report(metrics, checkpoint_dir, evaluation)
         if metrics["epoch"] == self.stop_after:
             raise KeyboardInterrupt
 
