@@ -1,4 +1,4 @@
-"""The leaderboard: one row per encoder, ranked by fine mIoU, as text, CSV and Markdown.
+"""The leaderboard: one row per encoder, ranked by fine mIoU, as text, CSV, Markdown and plots.
 
 Search mode shows each encoder's best trial; fair mode shows mean and standard
 deviation over the seeds, as POC-5.8's benchmark intended.
@@ -12,18 +12,26 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from artefact.figures import iou_heatmap, speed_quality_scatter, validation_curves
 from artefact.search import TrialSummary
+from artefact.taxonomy import FINE_NAMES
 
 HEAD_COLUMNS = ("val/miou_fine", "val/miou_coarse", "val/miou_binary")
 COLUMNS = ("encoder", "trials", "miou_fine", "miou_coarse", "miou_binary", "img_per_s", "peak_mem_mb", "params_m")
 
 
-def leaderboard(summaries: list[TrialSummary], mode: str) -> list[dict[str, object]]:
-    """Rows per encoder; values are floats (search) or (mean, std) pairs (fair)."""
+def _scored_by_encoder(summaries: list[TrialSummary]) -> dict[str, list[TrialSummary]]:
+    """Trials that finished with at least one validation, by encoder; failed trials never rank."""
     by_encoder: dict[str, list[TrialSummary]] = defaultdict(list)
     for summary in summaries:
         if summary.best and summary.outcome != "failed":
             by_encoder[str(summary.params.get("encoder"))].append(summary)
+    return by_encoder
+
+
+def leaderboard(summaries: list[TrialSummary], mode: str) -> list[dict[str, object]]:
+    """Rows per encoder; values are floats (search) or (mean, std) pairs (fair)."""
+    by_encoder = _scored_by_encoder(summaries)
     rows = []
     for encoder, trials in by_encoder.items():
         row: dict[str, object] = {"encoder": encoder, "trials": len(trials)}
@@ -114,3 +122,42 @@ def write_leaderboard(rows: list[dict[str, object]], summaries: list[TrialSummar
                 ]
             )
     return [board_csv, board_md, trials_csv]
+
+
+def write_plots(
+    rows: list[dict[str, object]],
+    summaries: list[TrialSummary],
+    histories: dict[str, list[dict[str, float]]],
+    metric: str,
+    mode: str,
+    out: Path,
+) -> list[Path]:
+    """speed_quality.png (every trial), iou_per_class.png (encoders in leaderboard order;
+    fair mode averages the seeds) and validation_curves.png (best trial per encoder)."""
+    by_encoder = _scored_by_encoder(summaries)
+    points = [
+        (encoder, trial.best["perf/img_per_s"], trial.best["val/miou_fine"])
+        for encoder, trials in by_encoder.items()
+        for trial in trials
+        if "perf/img_per_s" in trial.best and "val/miou_fine" in trial.best
+    ]
+    heat: dict[str, dict[str, float]] = {}
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        encoder = str(row["encoder"])
+        trials = by_encoder[encoder]
+        best = max(trials, key=lambda trial: trial.best.get(metric, -math.inf))
+        chosen = trials if mode == "fair" else [best]
+        heat[encoder] = {
+            name: statistics.fmean(values)
+            for name in FINE_NAMES
+            if (values := [t.best[f"val/iou/{name}"] for t in chosen if f"val/iou/{name}" in t.best])
+        }
+        curves[encoder] = [
+            (int(epoch["epoch"]), epoch[metric]) for epoch in histories.get(best.trial_id, []) if metric in epoch
+        ]
+    return [
+        speed_quality_scatter(points, out / "speed_quality.png"),
+        iou_heatmap(heat, out / "iou_per_class.png"),
+        validation_curves(curves, metric, out / "validation_curves.png"),
+    ]

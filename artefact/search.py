@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,13 @@ def _default_point(cfg: Config, encoder: str) -> dict[str, Any]:
     return point
 
 
+def trial_count(cfg: Config) -> int:
+    """The number of trials a sweep asks for."""
+    if cfg.sweep.mode == "fair":
+        return len(cfg.sweep.encoders) * cfg.sweep.seeds
+    return cfg.sweep.trials
+
+
 def max_concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
     """How many trials fit at once, counting every worker's CPUs and GPUs."""
     res = cfg.resources
@@ -170,7 +178,7 @@ def _tune_config(cfg: Config, sweep_dir: Path, name: str, concurrency: int) -> t
         mode="max",
         points_to_evaluate=default_points(cfg),
         sampler=optuna.samplers.TPESampler(seed=sweep.seed),
-        storage=optuna.storages.RDBStorage(f"sqlite:///{(sweep_dir / 'optuna.db').resolve()}"),
+        storage=optuna.storages.RDBStorage(optuna_storage(sweep_dir)),
         study_name=name,
     )
     return tune.TuneConfig(
@@ -183,6 +191,11 @@ def _tune_config(cfg: Config, sweep_dir: Path, name: str, concurrency: int) -> t
     )
 
 
+def optuna_storage(sweep_dir: Path) -> str:
+    """The Optuna study's database: in the sweep folder, so --resume and the plots find it."""
+    return f"sqlite:///{(sweep_dir / 'optuna.db').resolve()}"
+
+
 def _param_space(cfg: Config) -> dict[str, Any]:
     if cfg.sweep.mode == "fair":
         return {
@@ -193,40 +206,61 @@ def _param_space(cfg: Config) -> dict[str, Any]:
 
 
 class ProgressLog(tune.Callback):
-    """One line per trial event instead of Tune's tables, readable with dozens of trials."""
+    """The live view instead of Tune's tables: one short line per trial event, with the
+    elapsed time, and a status line (counts, best so far) whenever a trial ends. With 20
+    trials it stays a readable log rather than a table redrawn every few seconds."""
 
-    def __init__(self, epochs: int, metric: str, log=print) -> None:
+    def __init__(self, total: int, epochs: int, metric: str, log=print) -> None:
+        self.total = total
         self.epochs = epochs
         self.metric = metric
         self.log = log
+        self.started = time.monotonic()
+        self.best: tuple[float, str] | None = None
+        self.failed = 0
+
+    def _line(self, text: str) -> None:
+        minutes, seconds = divmod(int(time.monotonic() - self.started), 60)
+        self.log(f"[{minutes:3d}:{seconds:02d}] {text}")
 
     @staticmethod
-    def _label(trial) -> str:
-        config = trial.config
-        details = ", ".join(
-            f"{k}={config[k]:.2g}" if isinstance(config[k], float) else f"{k}={config[k]}"
-            for k in ("encoder", "batch_size", "lr", "seed")
-            if k in config
-        )
-        return f"trial {trial.trial_id} ({details})"
+    def _describe(config: dict[str, Any]) -> str:
+        parts = [str(config.get("encoder", "?"))]
+        if "batch_size" in config:
+            parts.append(f"bs={config['batch_size']}")
+        if "lr" in config:
+            parts.append(f"lr={config['lr']:.1e}")
+        if "seed" in config:
+            parts.append(f"seed={config['seed']}")
+        return " ".join(parts)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.log(f"  start  {self._label(trial)}")
+        self._line(f"start  {trial.trial_id}  {self._describe(trial.config)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        running = sum(t.status == "RUNNING" for t in trials)
-        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-        self.log(
-            f"  epoch  {self._label(trial)} {int(result.get('epoch', 0))}/{self.epochs}:"
-            f" {self.metric} {result.get(self.metric, float('nan')):.4f}"
-            f"  [{done} done, {running} running]"
-        )
+        score = result.get(self.metric, float("nan"))
+        if math.isfinite(score) and (self.best is None or score > self.best[0]):
+            self.best = (score, f"{trial.trial_id} ({trial.config.get('encoder', '?')})")
+        epoch = int(result.get("epoch", 0))
+        self._line(f"epoch  {trial.trial_id}  {epoch}/{self.epochs}  {self.metric} {score:.4f}")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.log(f"  end    {self._label(trial)}")
+        self._line(f"end    {trial.trial_id}")
+        self._status(trials, trial)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.log(f"  FAILED {self._label(trial)} (reason in the summary below)")
+        self.failed += 1
+        self._line(f"FAILED {trial.trial_id}  {self._describe(trial.config)} (reason in the summary below)")
+        self._status(trials, trial)
+
+    def _status(self, trials, ended) -> None:
+        """Counts after ``ended`` ends (Tune calls back before it updates the trial's status)."""
+        done = sum(t is ended or t.status in ("TERMINATED", "ERROR") for t in trials)
+        running = sum(t is not ended and t.status == "RUNNING" for t in trials)
+        failed = f" ({self.failed} failed)" if self.failed else ""
+        best = f"; best {self.best[0]:.4f} by {self.best[1]}" if self.best else ""
+        pending = max(self.total - done - running, 0)
+        self.log(f"{'':9}trials: {done}/{self.total} done{failed}, {running} running, {pending} to come{best}")
 
 
 def run_sweep(
@@ -234,6 +268,8 @@ def run_sweep(
 ) -> tune.ResultGrid:
     """Start (or resume) the sweep's Tuner on the connected Ray cluster and wait for it."""
     concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
+    if not verbose:  # Optuna announces every study and trial at INFO
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     trainable = _trainable(cfg, cache, sweep_dir, sweep)
     tune_path = sweep_dir / TUNE_FOLDER
     if resume:
@@ -247,7 +283,7 @@ def run_sweep(
                 name=TUNE_FOLDER,
                 storage_path=str(sweep_dir.resolve()),
                 verbose=2 if verbose else 0,
-                callbacks=[] if verbose else [ProgressLog(cfg.train.epochs, cfg.sweep.metric)],
+                callbacks=[] if verbose else [ProgressLog(trial_count(cfg), cfg.train.epochs, cfg.sweep.metric)],
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
         )

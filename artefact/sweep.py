@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -22,11 +23,12 @@ import torch
 from artefact.config import SweepRequest, dump_yaml, flatten, read_yaml, to_dict
 from artefact.data.prepare import cache_params, ensure_cache, is_cache
 from artefact.errors import UserError
+from artefact.figures import optuna_figures
 from artefact.hardware import check_gpu_supported
 from artefact.memory import check_fits
 from artefact.models import resolve_encoder
-from artefact.report import leaderboard, render_text, write_leaderboard
-from artefact.search import can_resume, run_sweep, space_description, summarise
+from artefact.report import leaderboard, render_text, write_leaderboard, write_plots
+from artefact.search import can_resume, optuna_storage, run_sweep, space_description, summarise
 from artefact.tracking import (
     SweepRun,
     check_store,
@@ -36,6 +38,7 @@ from artefact.tracking import (
     finish_sweep,
     log_sweep_artifacts,
     open_sweep,
+    run_page,
     sweep_exists,
     trial_histories,
 )
@@ -45,6 +48,9 @@ RAY_ENV = {
     # dominates start-up (FACTS.md: ~19 s -> ~12 s per trial).
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
 }
+PLOTS_FOLDER = "plots"
+UI_ADDRESS = "http://127.0.0.1:5000"
+"""Where ``python -m artefact ui`` serves by default."""
 
 
 def validate(request: SweepRequest) -> Path:
@@ -165,17 +171,22 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
             log(f"Ray dashboard: {dashboard}")
         log(f"sweep {request.name}: {cfg.sweep.mode} mode, profile {request.profile}, results in {sweep_dir}")
         results = run_sweep(cfg, cache, sweep_dir, request.name, tracking, request.resume, request.verbose)
-        summaries = summarise(results, trial_histories(tracking), cfg.train.epochs, cfg.sweep.metric)
+        histories = trial_histories(tracking)
+        summaries = summarise(results, histories, cfg.train.epochs, cfg.sweep.metric)
         _close_trials(tracking, summaries)
         rows = leaderboard(summaries, cfg.sweep.mode)
         files = write_leaderboard(rows, summaries, cfg.sweep.mode, sweep_dir)
         log_sweep_artifacts(tracking, files)
+        plots = _write_plots(request, rows, summaries, histories, sweep_dir / PLOTS_FOLDER, log)
+        log_sweep_artifacts(tracking, plots, PLOTS_FOLDER)
         status = "FINISHED"
         log("\n" + render_text(rows, cfg.sweep.mode))
         counts = {o: sum(s.outcome == o for s in summaries) for o in ("completed", "stopped_early", "failed")}
-        log(f"\ntrials: {counts}; leaderboard: {files[0]} and {files[1]}")
+        log(f"\ntrials: {counts}")
         for failed in (s for s in summaries if s.outcome == "failed"):
             log(f"  failed {failed.trial_id} ({failed.params.get('encoder')}): {failed.reason}")
+        log(f"results: {sweep_dir}/ ({', '.join(f.name for f in files)}, {PLOTS_FOLDER}/)")
+        log(_mlflow_hint(request.tracking_uri, tracking))
         return rows
     finally:
         if ray.is_initialized():
@@ -187,6 +198,28 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         else:
             close_open_trials(tracking)
             finish_sweep(tracking, status)
+
+
+def _write_plots(request: SweepRequest, rows, summaries, histories, folder: Path, log) -> list[Path]:
+    """The leaderboard's plots and, for a search, Optuna's history and parameter importances."""
+    cfg = request.cfg
+    plots = write_plots(rows, summaries, histories, cfg.sweep.metric, cfg.sweep.mode, folder)
+    if cfg.sweep.mode == "search":
+        drawn, skipped = optuna_figures(optuna_storage(request.results / request.name), request.name, folder)
+        plots += drawn
+        for reason in skipped:
+            log(f"  no {reason}")
+    return plots
+
+
+def _mlflow_hint(tracking_uri: str, tracking: SweepRun) -> str:
+    """Where to look at the sweep in the MLflow UI: a server's page, or how to start the UI."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow: {run_page(tracking, tracking_uri)}"
+    return (
+        f"MLflow UI: python -m artefact ui --tracking-uri {shlex.quote(tracking_uri)}\n"
+        f"  then open {run_page(tracking, UI_ADDRESS)}"
+    )
 
 
 def _close_trials(tracking: SweepRun, summaries) -> None:

@@ -8,7 +8,7 @@ it runs the real sweep. Everything is logged to MLflow (see `python -m artefact 
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -150,9 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def go() -> int:
-        if not args.verbose:  # MLflow and Optuna announce routine steps at INFO
-            for library in ("mlflow", "optuna"):
-                logging.getLogger(library).setLevel(logging.WARNING)
+        if not args.verbose:
+            # Read on import: MLflow announces routine steps at INFO, and Tune's newer console
+            # output prints a configuration box even at verbose=0 (the older one prints nothing).
+            os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+            os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         if args.resume and not args.name:
             raise UserError("--resume needs --name: the sweep to continue.")
         request = build_request(args)
@@ -163,8 +165,6 @@ def main(argv: list[str] | None = None) -> int:
         from artefact.sweep import run  # imports Ray, which reads the settings just made
 
         run(request)
-        ui = f"python -m artefact ui --tracking-uri {request.tracking_uri}"
-        print(f"MLflow UI: {ui}  (experiment {request.name!r})")
         return 0
 
     return run_cli(go)
