@@ -1,4 +1,5 @@
-"""Shared fixtures: the built-in synthetic data set, prepared once per session.
+"""Shared fixtures: the built-in synthetic data set, prepared once per session, and the
+default sweep (the main job with no options), run once for every test that reads it.
 
 Torch runs single-threaded here. On the 2-core build machines, two intra-op threads that
 compete with any other load slowed a CPU epoch about 20x (12 s -> 254 s); one thread is
@@ -32,3 +33,14 @@ def synthetic_cache(synthetic_workspace: Path) -> Path:
     from artefact.data.prepare import ensure_cache
 
     return ensure_cache(small_config().data, synthetic_workspace, log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def default_sweep(tmp_path_factory: pytest.TempPathFactory, synthetic_workspace: Path):
+    """The main job with its defaults, named "default", into its own results folder and store."""
+    from sweep_helpers import run_bench_watching_dashboard
+
+    root = tmp_path_factory.mktemp("default-sweep")
+    store = root / "mlflow.db"
+    watched = run_bench_watching_dashboard(root / "results", synthetic_workspace, store, "default")
+    return watched, root / "results", store

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -60,3 +67,76 @@ def kill_process_tree(process: subprocess.Popen) -> None:
         except psutil.NoSuchProcess:
             pass
     process.wait(timeout=30)
+
+
+@dataclass
+class WatchedSweep:
+    """A finished main job, and what its Ray dashboard's API answered while it ran."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    dashboard_url: str | None = None
+    unauthenticated_status: int | None = None
+    nodes: list[dict] = field(default_factory=list)
+    actors: list[dict] = field(default_factory=list)
+
+
+def _dashboard_get(url: str, token: str | None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, {}
+
+
+def run_bench_watching_dashboard(
+    results: Path, workspace: Path, store: Path, name: str, *args: str, timeout: int = 600
+) -> WatchedSweep:
+    """Run the main job; while its trials run, ask its dashboard for nodes and actors, with
+    the sweep's token and without one."""
+    process = subprocess.Popen(
+        bench_command(results, workspace, store, "--name", name, *args),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    out: list[str] = []
+    err: list[str] = []
+    readers = [
+        threading.Thread(target=lambda: out.extend(process.stdout), daemon=True),
+        threading.Thread(target=lambda: err.extend(process.stderr), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    watched = WatchedSweep(-1, "", "")
+    token_file = results / ".ray-tokens" / f"{name}.token"
+    deadline = time.monotonic() + timeout
+    try:
+        while process.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+            if watched.dashboard_url is None:
+                found = re.search(r"Ray dashboard: (http://\S+)", "".join(out))
+                watched.dashboard_url = found.group(1) if found else None
+                continue
+            if watched.actors:
+                continue
+            token = token_file.read_text().strip()
+            watched.unauthenticated_status, _ = _dashboard_get(f"{watched.dashboard_url}/api/v0/nodes", None)
+            _, nodes = _dashboard_get(f"{watched.dashboard_url}/api/v0/nodes", token)
+            _, actors = _dashboard_get(f"{watched.dashboard_url}/api/v0/actors?limit=1000", token)
+            watched.nodes = nodes.get("data", {}).get("result", {}).get("result", [])
+            alive = [a for a in actors.get("data", {}).get("result", {}).get("result", []) if a.get("state") == "ALIVE"]
+            if any("TrainController" in a.get("class_name", "") for a in alive):
+                watched.actors = alive
+        if process.poll() is None:
+            kill_process_tree(process)
+    finally:
+        process.wait()
+        for reader in readers:
+            reader.join(timeout=10)
+    watched.returncode, watched.stdout, watched.stderr = process.returncode, "".join(out), "".join(err)
+    return watched

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import csv
+import re
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import yaml
+from image_checks import assert_drawn
 from mlflow.tracking import MlflowClient
 from sweep_helpers import bench_command, kill_process_tree, run_bench, sweep_runs
+
+from artefact.figures import CONFUSION_SIZE, CURVES_SIZE, HEATMAP_SIZE, SCATTER_SIZE
+from artefact.loop import PREDICTION_IMAGES
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_default_sweep_logs_every_trial_and_asha_stops_some(tmp_path: Path, synthetic_workspace: Path) -> None:
-    store = tmp_path / "mlflow.db"
-    done = run_bench(tmp_path / "results", synthetic_workspace, store, "--name", "default")
+def test_default_sweep_logs_every_trial_and_asha_stops_some(default_sweep) -> None:
+    done, results, store = default_sweep
     assert done.returncode == 0, done.stderr[-3000:]
     assert "no --profile given: using cpu-smoke" in done.stdout
     assert "Ray dashboard: http://127.0.0.1:" in done.stdout
@@ -56,6 +61,8 @@ def test_default_sweep_logs_every_trial_and_asha_stops_some(tmp_path: Path, synt
             "perf/img_per_s",
             "perf/epoch_s",
             "perf/peak_mem_mb",
+            "model/params",
+            "model/gflop_per_image",
         ):
             assert key in child.data.metrics, key
         assert any(k.startswith("val/iou/") for k in child.data.metrics)
@@ -71,15 +78,82 @@ def test_default_sweep_logs_every_trial_and_asha_stops_some(tmp_path: Path, synt
     client = MlflowClient(f"sqlite:///{store}")
     history = client.get_metric_history(children[0].info.run_id, "val/miou_fine")
     assert sorted(m.step for m in history) == list(range(1, len(history) + 1))
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"config.yaml", "space.json", "profile.yaml", "leaderboard.csv", "leaderboard.md"} <= artifacts
     assert parent.data.tags["git_commit"]
 
-    board = tmp_path / "results" / "default" / "leaderboard.csv"
+    board = results / "default" / "leaderboard.csv"
     rows = list(csv.DictReader(board.open()))
     assert [r["encoder"] for r in rows] and {r["encoder"] for r in rows} == encoders
     assert float(rows[0]["miou_fine"]) >= float(rows[-1]["miou_fine"])
     assert "miou_fine" in done.stdout and "tu-test_convnext" in done.stdout
+
+
+def _artifact_files(client: MlflowClient, run_id: str, folder: str | None = None) -> set[str]:
+    """Every artifact path of a run (recursively), as MLflow lists them."""
+    found = set()
+    for entry in client.list_artifacts(run_id, folder):
+        found |= _artifact_files(client, run_id, entry.path) if entry.is_dir else {entry.path}
+    return found
+
+
+def _artifact_yaml(client: MlflowClient, run_id: str, path: str, folder: Path) -> dict:
+    return yaml.safe_load(Path(client.download_artifacts(run_id, path, str(folder))).read_text())
+
+
+def test_default_sweep_logs_figures_a_researcher_can_use(default_sweep, tmp_path: Path) -> None:
+    done, _, store = default_sweep
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{store}")
+    parent, children = sweep_runs(store, "default")
+
+    plots = ["speed_quality", "iou_per_class", "validation_curves", "optuna_history", "optuna_importances"]
+    parent_files = _artifact_files(client, parent.info.run_id)
+    expected = {"config.yaml", "space.json", "profile.yaml", "leaderboard.csv", "leaderboard.md", "trials.csv"}
+    assert expected | {f"plots/{name}.png" for name in plots} <= parent_files, parent_files
+    sizes = dict(zip(plots, (SCATTER_SIZE, HEATMAP_SIZE, CURVES_SIZE, CURVES_SIZE, CURVES_SIZE), strict=True))
+    for name, size in sizes.items():
+        assert_drawn(Path(client.download_artifacts(parent.info.run_id, f"plots/{name}.png", str(tmp_path))), size)
+
+    for child in children:
+        files = _artifact_files(client, child.info.run_id)
+        assert {"config.yaml", "model_summary.yaml"} <= files, files
+        evaluation = child.data.tags["artefact.evaluation"]  # set once the folder is complete
+        assert re.fullmatch(r"evaluation/epoch_\d{3}", evaluation)
+        names = sorted(path.removeprefix(evaluation + "/") for path in files if path.startswith(evaluation + "/"))
+        assert names[:3] == ["confusion_binary.png", "confusion_coarse.png", "confusion_fine.png"], names
+        assert len([n for n in names if n.startswith("prediction_")]) == PREDICTION_IMAGES, names
+        confusion = client.download_artifacts(child.info.run_id, f"{evaluation}/confusion_fine.png", str(tmp_path))
+        assert_drawn(Path(confusion), CONFUSION_SIZE)
+        summary = _artifact_yaml(client, child.info.run_id, "model_summary.yaml", tmp_path)
+        assert summary["encoder"] == child.data.params["encoder"]
+        assert summary["parameters"] == int(child.data.metrics["model/params"])
+        forward = summary["gflop_forward_per_image"]
+        assert forward == pytest.approx(child.data.metrics["model/gflop_per_image"], abs=1e-3) and forward > 0
+        assert summary["gflop_training_per_image"] == pytest.approx(3 * forward, abs=2e-3)
+        config = _artifact_yaml(client, child.info.run_id, "config.yaml", tmp_path)
+        assert config["model"]["encoder"] == child.data.params["encoder"]
+        assert config["train"]["batch_size"] == int(child.data.params["batch_size"])
+
+
+def test_default_sweep_terminal_output_is_a_short_log_not_ray_noise(default_sweep) -> None:
+    done, results, _ = default_sweep
+    lines = done.stdout.splitlines()
+    assert "Configuration for experiment" not in done.stdout  # Tune's own tables stay off
+    assert "INFO" not in done.stdout + done.stderr
+    assert sum(line.strip().startswith("trials: ") and "done" in line for line in lines) == 4
+    assert any(re.match(r"\[ *\d+:\d\d\] epoch ", line) for line in lines)
+    assert f"results: {results / 'default'}/" in done.stdout
+    parent, _ = sweep_runs(default_sweep[2], "default")
+    assert f"#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}" in done.stdout
+    assert "python -m artefact ui --tracking-uri sqlite:///" in done.stdout
+
+
+def test_ray_dashboard_answers_on_loopback_with_the_token_while_the_sweep_runs(default_sweep) -> None:
+    done = default_sweep[0]
+    assert done.dashboard_url is not None and done.dashboard_url.startswith("http://127.0.0.1:")
+    assert done.unauthenticated_status == 401  # the API refuses requests without the sweep's token
+    assert [node["node_ip"] for node in done.nodes] == ["127.0.0.1"]
+    classes = {actor["class_name"] for actor in done.actors}
+    assert any("TrainController" in name for name in classes), classes
 
 
 def test_fair_mode_reports_mean_and_std_and_survives_a_failing_trial(tmp_path: Path, synthetic_workspace: Path) -> None:
