@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from artefact.errors import UserError
+from artefact.errors import SweepInterrupted, UserError
 
 DEFAULT_WORKSPACE = Path("data")
 DEFAULT_STORE = Path(__file__).resolve().parents[1] / "mlflow" / "mlflow.db"
@@ -17,9 +17,13 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def run_cli(main: Callable[[], int]) -> int:
-    """Print a UserError as one line without a traceback and exit with code 2."""
+    """Print a UserError as one line without a traceback and exit with code 2 (3 for an
+    interrupted sweep that can be resumed)."""
     try:
         return main()
+    except SweepInterrupted as error:
+        print(f"stopped: {error}", file=sys.stderr)
+        return SweepInterrupted.exit_code
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -55,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--tracking-uri", default=f"sqlite:///{DEFAULT_STORE}", help="MLflow backend store URI")
     ui.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback exposes your runs")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument(
+        "--artifacts-destination",
+        help="where runs logged through this server keep artifacts; default: beside a SQLite store",
+    )
+
+    allocation = commands.add_parser("allocation", help="the sbatch resource flags for a profile's node (for cluster/)")
+    allocation.add_argument("--profile", required=True, help="a profile name from sweeps/ or a YAML path")
 
     train = commands.add_parser("train", help="one training run in this process (no Ray)")
     train.add_argument("--config", type=Path, help="YAML config (a profile from sweeps/ works too)")
@@ -93,16 +104,33 @@ def _dispatch(args: argparse.Namespace) -> int:
         _train(args)
     elif args.command == "ui":
         return _serve_ui(args)
+    elif args.command == "allocation":
+        print(" ".join(_allocation_flags(args.profile)))
     return 0
+
+
+def _allocation_flags(profile: str) -> list[str]:
+    """What one node of the profile needs from SLURM: one task with its CPUs, GPUs and memory."""
+    from artefact.config import load_config, profile_file
+
+    resources = load_config(profile_file(profile)[1]).resources
+    flags = ["--ntasks-per-node=1", f"--cpus-per-task={resources.node_cpus}", f"--mem={resources.node_memory_gb}G"]
+    if resources.node_gpus:
+        flags.append(f"--gres=gpu:{resources.node_gpus}")
+    return flags
 
 
 def _serve_ui(args: argparse.Namespace) -> int:
     """``mlflow server`` without its job runner (2 processes instead of 10, ready in ~5 s)."""
-    if args.host not in LOOPBACK:
+    exposed = args.host not in LOOPBACK
+    if exposed:
         print(
             f"warning: serving MLflow on {args.host}: anyone who can reach it can read and change your runs.",
             file=sys.stderr,
         )
+    destination = args.artifacts_destination
+    if destination is None and args.tracking_uri.startswith("sqlite:///"):
+        destination = str(Path(args.tracking_uri.removeprefix("sqlite:///")).parent / "artifacts")
     command = [
         sys.executable,
         "-m",
@@ -115,6 +143,11 @@ def _serve_ui(args: argparse.Namespace) -> int:
         "--port",
         str(args.port),
     ]
+    if destination:
+        command += ["--artifacts-destination", destination]
+    if exposed:  # MLflow answers 403 to any Host header it was not told about
+        hosts = [args.host, "localhost", "127.0.0.1"]
+        command += ["--allowed-hosts", ",".join(f"{h},{h}:{args.port}" for h in hosts)]
     print(f"MLflow UI: http://{args.host}:{args.port}  (Ctrl-C to stop)")
     environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     return subprocess.call(command, env=environment)

@@ -194,9 +194,16 @@ class ResourcesConfig:
     """Fractions below 1 pack several trials onto one GPU."""
     gpu_memory_gb: float | None = None
     """Memory of one GPU, to refuse batch sizes that cannot fit before the sweep starts."""
+    node_cpus: int = 2
+    node_gpus: int = 0
+    node_memory_gb: int = 8
+    """The node a profile is written for: cluster/submit.sh asks SLURM for this much per node."""
 
     def __post_init__(self) -> None:
         _check(self.workers_per_trial >= 1, "resources.workers_per_trial", self.workers_per_trial, ">= 1")
+        _check(self.node_cpus >= 1, "resources.node_cpus", self.node_cpus, ">= 1")
+        _check(self.node_gpus >= 0, "resources.node_gpus", self.node_gpus, ">= 0")
+        _check(self.node_memory_gb >= 1, "resources.node_memory_gb", self.node_memory_gb, ">= 1")
         _check(self.cpus_per_worker > 0, "resources.cpus_per_worker", self.cpus_per_worker, "> 0")
         _check(self.gpus_per_worker >= 0, "resources.gpus_per_worker", self.gpus_per_worker, ">= 0")
         _check(
@@ -394,6 +401,24 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = value
     return result
+
+
+PROFILES = Path(__file__).resolve().parents[1] / "sweeps"
+"""The profiles shipped with the project (cpu-smoke, laptop, v100s-x2, v100s-x2-ddp)."""
+
+
+def profile_file(name: str) -> tuple[str, Path]:
+    """(profile name, YAML path) for a profile name from ``PROFILES`` or a path to a YAML file."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"--profile {name}: no such file.")
+        return path.stem, path
+    path = PROFILES / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PROFILES.glob("*.yaml"))
+        raise UserError(f"--profile {name!r} is unknown; profiles: {', '.join(known)} (or a path to a YAML file).")
+    return name, path
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> Config:

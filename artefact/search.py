@@ -219,6 +219,10 @@ class ProgressLog(tune.Callback):
         self.best: tuple[float, str] | None = None
         self.failed = 0
 
+    def setup(self, **info) -> None:
+        """Called when Tune starts, and again when a resumed sweep restores this callback."""
+        self.started = time.monotonic()
+
     def _line(self, text: str) -> None:
         minutes, seconds = divmod(int(time.monotonic() - self.started), 60)
         self.log(f"[{minutes:3d}:{seconds:02d}] {text}")

@@ -22,13 +22,13 @@ import torch
 
 from artefact.config import SweepRequest, dump_yaml, flatten, read_yaml, to_dict
 from artefact.data.prepare import cache_params, ensure_cache, is_cache
-from artefact.errors import UserError
+from artefact.errors import SweepInterrupted, UserError
 from artefact.figures import optuna_figures
 from artefact.hardware import check_gpu_supported
 from artefact.memory import check_fits
 from artefact.models import resolve_encoder
 from artefact.report import leaderboard, render_text, write_leaderboard, write_plots
-from artefact.search import can_resume, optuna_storage, run_sweep, space_description, summarise
+from artefact.search import can_resume, optuna_storage, run_sweep, space_description, summarise, trial_count
 from artefact.tracking import (
     SweepRun,
     check_store,
@@ -170,7 +170,16 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         if dashboard:
             log(f"Ray dashboard: {dashboard}")
         log(f"sweep {request.name}: {cfg.sweep.mode} mode, profile {request.profile}, results in {sweep_dir}")
+        resources = ray.cluster_resources()
+        log(f"Ray cluster: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
         results = run_sweep(cfg, cache, sweep_dir, request.name, tracking, request.resume, request.verbose)
+        finished = results.num_terminated + results.num_errors
+        if finished < trial_count(cfg):
+            status = "KILLED"
+            raise SweepInterrupted(
+                f"sweep {request.name!r} stopped before all {trial_count(cfg)} trials finished; its state is saved."
+                f" Continue it with the same command plus --resume --name {request.name}."
+            )
         histories = trial_histories(tracking)
         summaries = summarise(results, histories, cfg.train.epochs, cfg.sweep.metric)
         _close_trials(tracking, summaries)

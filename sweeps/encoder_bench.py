@@ -8,6 +8,7 @@ it runs the real sweep. Everything is logged to MLflow (see `python -m artefact 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -20,7 +21,6 @@ if str(REPO) not in sys.path:
 from artefact.cli import run_cli  # noqa: E402
 from artefact.errors import UserError  # noqa: E402
 
-PROFILES = REPO / "sweeps"
 SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -54,7 +54,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--name", help="sweep name (MLflow experiment, results/<name>); default: first free\n<profile>-<mode>-<n>"
     )
-    parser.add_argument("--resume", action="store_true", help="continue the sweep --name after an interruption")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="always",
+        choices=("always", "auto"),
+        help="continue the sweep --name after an interruption; --resume=auto continues it\n"
+        "if it has saved state and starts it otherwise (what a requeued SLURM job runs)",
+    )
     parser.add_argument("--tracking-uri", help="MLflow tracking URI; default: sqlite store in mlflow/")
     parser.add_argument("--address", help="join an existing Ray cluster (host:port of the head)")
     parser.add_argument("--results", type=Path, default=REPO / "results", help="results folder (default: results/)")
@@ -72,21 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_profile(name: str | None) -> tuple[str, Path]:
+    from artefact.config import profile_file
+
     if name is None:
         import torch
 
         name = "laptop" if torch.cuda.is_available() else "cpu-smoke"
         print(f"no --profile given: using {name} ({'a GPU' if name == 'laptop' else 'no GPU'} detected)")
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise UserError(f"--profile {name}: no such file.")
-        return path.stem, path
-    path = PROFILES / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in PROFILES.glob("*.yaml"))
-        raise UserError(f"--profile {name!r} is unknown; profiles: {', '.join(known)} (or a path to a YAML file).")
-    return name, path
+    return profile_file(name)
 
 
 def build_request(args: argparse.Namespace):
@@ -123,7 +123,7 @@ def build_request(args: argparse.Namespace):
         workspace=workspace,
         tracking_uri=tracking_uri,
         address=args.address,
-        resume=args.resume,
+        resume=args.resume == "always",
         verbose=args.verbose,
     )
 
@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             # Read on import: MLflow announces routine steps at INFO, and Tune's newer console
             # output prints a configuration box even at verbose=0 (the older one prints nothing).
             os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the sweep prints its own
             os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         if args.resume and not args.name:
             raise UserError("--resume needs --name: the sweep to continue.")
@@ -163,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
 
             prepare_local_cluster(sweep_token_file(request.results, request.name))
         from artefact.sweep import run  # imports Ray, which reads the settings just made
+
+        if args.resume == "auto":
+            from artefact.search import can_resume
+
+            request = dataclasses.replace(request, resume=can_resume(request.results / request.name))
 
         run(request)
         return 0

@@ -113,3 +113,68 @@ def test_train_once_through_the_cli(tmp_path: Path, synthetic_workspace: Path, s
     assert "generating" not in result.stdout and "prepared" not in result.stdout, "the session cache is reused"
     assert (out / "latest" / "checkpoint.pt").is_file() and (out / "best" / "checkpoint.pt").is_file()
     assert "heads:\n  - fine" in (out / "config.yaml").read_text()
+
+
+def test_allocation_flags_come_from_the_profile_node() -> None:
+    v100 = run_cli("allocation", "--profile", "v100s-x2")
+    assert v100.returncode == 0, v100.stderr
+    assert v100.stdout.split() == ["--ntasks-per-node=1", "--cpus-per-task=16", "--mem=96G", "--gres=gpu:2"]
+    smoke = run_cli("allocation", "--profile", "cpu-smoke")
+    assert smoke.stdout.split() == ["--ntasks-per-node=1", "--cpus-per-task=2", "--mem=8G"]
+    missing = run_cli("allocation", "--profile", "v100s-x3")
+    assert missing.returncode == 2 and "--profile 'v100s-x3' is unknown" in missing.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ui_beyond_loopback_warns_and_answers_requests_addressed_to_it(tmp_path: Path) -> None:
+    """A multi-node SLURM job serves MLflow on the head's address; MLflow itself answers 403
+    to Host headers it was not told about, so the UI passes its own address along."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    import psutil
+
+    addresses = [
+        entry.address
+        for entries in psutil.net_if_addrs().values()
+        for entry in entries
+        if entry.family.name == "AF_INET" and not entry.address.startswith("127.")
+    ]
+    if not addresses:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    address = addresses[0]
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "artefact", "ui", "--host", address, "--port", str(port)]
+        + ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://{address}:{port}/api/2.0/mlflow/experiments/search?max_results=1"):
+                    break
+            except urllib.error.HTTPError as error:
+                raise AssertionError(f"the server refused its own address: HTTP {error.code}") from None
+            except OSError:
+                assert server.poll() is None, server.stderr.read()
+                assert time.monotonic() < deadline, "the MLflow UI did not answer in 120 s"
+                time.sleep(1)
+    finally:
+        os.killpg(server.pid, 15)
+        _, errors = server.communicate(timeout=30)
+    assert f"warning: serving MLflow on {address}" in errors
