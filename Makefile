@@ -5,11 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
-# Debian's Chromium for the browser tests (Playwright's own download does not work offline).
-CHROMIUM := /usr/lib/chromium/chromium
-SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install run test lint mlflow-ui
+.PHONY: install system-deps run test lint mlflow-ui
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +19,11 @@ install: $(VENV)/.installed
 run: install
 	$(PY) sweeps/encoder_bench.py $(ARGS)
 
-$(CHROMIUM):
-	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
-	  || ($(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
-	      apt-get install -y -q --no-install-recommends chromium)
+# Debian's Chromium, SLURM, munge and shellcheck, which the tests drive for real.
+system-deps:
+	tests/system_deps.sh
 
-test: install $(CHROMIUM)
+test: install system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install

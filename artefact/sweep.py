@@ -20,7 +20,7 @@ from pathlib import Path
 import ray
 import torch
 
-from artefact.config import SweepRequest, dump_yaml, flatten, read_yaml, to_dict
+from artefact.config import Config, SweepRequest, dump_yaml, flatten, read_yaml, to_dict
 from artefact.data.prepare import cache_params, ensure_cache, is_cache
 from artefact.errors import SweepInterrupted, UserError
 from artefact.figures import optuna_figures
@@ -53,15 +53,21 @@ UI_ADDRESS = "http://127.0.0.1:5000"
 """Where ``python -m artefact ui`` serves by default."""
 
 
-def validate(request: SweepRequest) -> Path:
-    """All user-input checks that need no cluster; returns the sweep folder."""
-    for encoder in request.cfg.sweep.encoders:
+def check_config(cfg: Config) -> None:
+    """The checks of a config alone (no results folder, store or cluster): encoders, GPU
+    memory, GPU architecture and data path. ``encoder_bench.py --check`` runs just these."""
+    for encoder in cfg.sweep.encoders:
         resolve_encoder(encoder)
-    check_fits(request.cfg)
+    check_fits(cfg)
     if torch.cuda.is_available():
         check_gpu_supported(torch.device("cuda"))
-    if request.cfg.data.path is not None and not Path(request.cfg.data.path).exists():
-        raise UserError(f"--data {request.cfg.data.path}: no such file or folder.")
+    if cfg.data.path is not None and not Path(cfg.data.path).exists():
+        raise UserError(f"--data {cfg.data.path}: no such file or folder.")
+
+
+def validate(request: SweepRequest) -> Path:
+    """All user-input checks that need no cluster; returns the sweep folder."""
+    check_config(request.cfg)
     sweep_dir = request.results / request.name
     if request.resume:
         if not can_resume(sweep_dir):

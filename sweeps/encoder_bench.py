@@ -75,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="override any config field, e.g. --set train.lr=3e-4 (repeatable)",
     )
     parser.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only check the profile, flags and config (encoders, GPU memory, --data), then exit;\n"
+        "starts nothing (cluster/submit.sh runs this before it submits)",
+    )
     return parser.parse_args(argv)
 
 
@@ -89,8 +95,9 @@ def resolve_profile(name: str | None) -> tuple[str, Path]:
     return profile_file(name)
 
 
-def build_request(args: argparse.Namespace):
-    from artefact.config import SweepRequest, deep_merge, from_dict, parse_overrides, read_yaml
+def build_config(args: argparse.Namespace):
+    """(profile name, profile file, config): the profile with the flags and --set applied."""
+    from artefact.config import deep_merge, from_dict, parse_overrides, read_yaml
 
     profile, path = resolve_profile(args.profile)
     raw = read_yaml(path)
@@ -108,11 +115,15 @@ def build_request(args: argparse.Namespace):
     if args.data:
         flags["data"]["path"] = str(Path(args.data).resolve())
     raw = deep_merge(deep_merge(raw, flags), parse_overrides(args.overrides))
-    cfg = from_dict(raw, f"{path} with command-line flags")
+    return profile, path, from_dict(raw, f"{path} with command-line flags")
+
+
+def build_request(args: argparse.Namespace):
+    from artefact.config import SweepRequest
+
+    profile, path, cfg = build_config(args)
     results, workspace = args.results.resolve(), args.workspace.resolve()
     tracking_uri = _absolute_sqlite(args.tracking_uri or f"sqlite:///{REPO / 'mlflow' / 'mlflow.db'}")
-    if args.name is not None and not SWEEP_NAME.fullmatch(args.name):
-        raise UserError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-' only (it names folders).")
     name = args.name or _free_name(results, tracking_uri, f"{profile}-{cfg.sweep.mode}")
     return SweepRequest(
         cfg=cfg,
@@ -158,6 +169,15 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         if args.resume and not args.name:
             raise UserError("--resume needs --name: the sweep to continue.")
+        if args.name is not None and not SWEEP_NAME.fullmatch(args.name):
+            raise UserError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-' only (it names folders).")
+        if args.check:
+            from artefact.sweep import check_config
+
+            profile, _, cfg = build_config(args)
+            check_config(cfg)
+            print(f"ok: profile {profile}, {cfg.sweep.mode} mode, encoders {', '.join(cfg.sweep.encoders)}")
+            return 0
         request = build_request(args)
         if not request.address:
             from artefact.ray_env import prepare_local_cluster, sweep_token_file

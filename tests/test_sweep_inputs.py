@@ -99,6 +99,7 @@ def test_help_documents_every_flag(capsys) -> None:
         "--seeds",
         "--set",
         "--verbose",
+        "--check",
     ):
         assert flag in text, flag
 
@@ -148,3 +149,22 @@ def test_a_sweep_that_fails_before_any_trial_leaves_nothing_behind(tmp_path: Pat
         sweep.run(request, log=lambda *_: None)
     assert not (tmp_path / "results" / "early").exists()
     assert not sweep_exists(store, "early")
+
+
+@pytest.mark.parametrize(
+    ("flags", "code", "expected"),
+    [
+        (["--profile", "v100s-x2"], 0, "ok: profile v100s-x2, search mode, encoders convnext_tiny, swin_tiny"),
+        (["--encoders", "convnext_tinny"], 2, "Close matches: convnext_tiny"),
+        (["--set", "train.epoch=3"], 2, "unknown config key train.epoch"),
+        (["--name", "../x"], 2, "--name '../x'"),
+    ],
+    ids=["good", "bad-encoder", "bad-key", "bad-name"],
+)
+def test_check_only_checks_and_starts_nothing(tmp_path: Path, capsys, flags, code, expected) -> None:
+    """What cluster/submit.sh and the SLURM job run before anything is queued or started."""
+    argv = ["--check", "--results", str(tmp_path / "results"), "--workspace", str(tmp_path / "ws"), *flags]
+    assert encoder_bench.main(argv + ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == code
+    captured = capsys.readouterr()
+    assert expected in captured.out + captured.err
+    assert list(tmp_path.iterdir()) == []  # no results, cache or store

@@ -85,7 +85,7 @@ def mlflow_ui(sweep):
 def browser():
     from playwright.sync_api import sync_playwright
 
-    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: install Debian's chromium (make install does)"
+    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: run tests/system_deps.sh (make test does)"
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
         yield chromium

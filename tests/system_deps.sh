@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The Debian packages the tests drive for real: Chromium (browser tests), SLURM and munge
+# (the one-node cluster of the SLURM tests) and shellcheck. Installed with apt-get (through
+# sudo unless root) only when one is missing, so a second `make test` costs nothing.
+set -euo pipefail
+
+missing=()
+command -v chromium >/dev/null || [ -x /usr/lib/chromium/chromium ] || missing+=(chromium)
+command -v shellcheck >/dev/null || missing+=(shellcheck)
+command -v slurmctld >/dev/null || missing+=(slurmctld)
+command -v slurmd >/dev/null || missing+=(slurmd)
+command -v sbatch >/dev/null || missing+=(slurm-client)
+command -v munged >/dev/null || missing+=(munge)
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+echo "installing Debian packages for the tests: ${missing[*]}"
+install=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}")
+as_root "${install[@]}" || { as_root apt-get update -q && as_root "${install[@]}"; }
