@@ -14,6 +14,8 @@ from artefact.errors import SweepInterrupted, UserError
 DEFAULT_WORKSPACE = Path("data")
 DEFAULT_STORE = Path(__file__).resolve().parents[1] / "mlflow" / "mlflow.db"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+UI_HOST, UI_PORT = "127.0.0.1", 5000
+"""Where ``python -m artefact ui`` serves unless told otherwise."""
 
 
 def run_cli(main: Callable[[], int]) -> int:
@@ -57,8 +59,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ui = commands.add_parser("ui", help="serve the MLflow UI on the default store (127.0.0.1:5000)")
     ui.add_argument("--tracking-uri", default=f"sqlite:///{DEFAULT_STORE}", help="MLflow backend store URI")
-    ui.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback exposes your runs")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--host", default=UI_HOST, help="bind address; anything but loopback exposes your runs")
+    ui.add_argument("--port", type=int, default=UI_PORT)
     ui.add_argument(
         "--artifacts-destination",
         help="where runs logged through this server keep artifacts; default: beside a SQLite store",

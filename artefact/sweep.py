@@ -20,6 +20,7 @@ from pathlib import Path
 import ray
 import torch
 
+from artefact.cli import UI_HOST, UI_PORT
 from artefact.config import Config, SweepRequest, dump_yaml, flatten, read_yaml, to_dict
 from artefact.data.prepare import cache_params, ensure_cache, is_cache
 from artefact.errors import SweepInterrupted, UserError
@@ -49,8 +50,6 @@ RAY_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
 }
 PLOTS_FOLDER = "plots"
-UI_ADDRESS = "http://127.0.0.1:5000"
-"""Where ``python -m artefact ui`` serves by default."""
 
 
 def check_config(cfg: Config) -> None:
@@ -233,7 +232,7 @@ def _mlflow_hint(tracking_uri: str, tracking: SweepRun) -> str:
         return f"MLflow: {run_page(tracking, tracking_uri)}"
     return (
         f"MLflow UI: python -m artefact ui --tracking-uri {shlex.quote(tracking_uri)}\n"
-        f"  then open {run_page(tracking, UI_ADDRESS)}"
+        f"  then open {run_page(tracking, f'http://{UI_HOST}:{UI_PORT}')}"
     )
 
 

@@ -49,20 +49,21 @@ class RayReporter:
         self.described = False
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, evaluation: Evaluation | None) -> None:
-        if self.run is not None and evaluation is not None:
-            # Before the Ray report: ASHA may stop the trial as soon as Tune sees this epoch.
-            with tempfile.TemporaryDirectory(prefix="artefact-figures-") as folder:
-                evaluation_figures(evaluation, Path(folder))
-                self.run.log_evaluation(Path(folder), f"{EVALUATION_FOLDER}/epoch_{evaluation.epoch:03d}")
+        # Artifacts go before the Ray report: ASHA may stop the trial as soon as Tune sees this
+        # epoch. The epoch's metrics go after it, so a retried epoch is never logged twice.
+        if self.run is not None:
+            if not self.described:
+                self.run.log_text(dump_yaml(self.cfg), "config.yaml")
+                self.run.log_text(model_summary(self.cfg, metrics), "model_summary.yaml")
+                self.described = True
+            if evaluation is not None:
+                with tempfile.TemporaryDirectory(prefix="artefact-figures-") as folder:
+                    evaluation_figures(evaluation, Path(folder))
+                    self.run.log_evaluation(Path(folder), f"{EVALUATION_FOLDER}/epoch_{evaluation.epoch:03d}")
         checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
-        if self.run is None:
-            return
-        self.run.log_epoch(metrics, step=int(metrics["epoch"]))
-        if not self.described:
-            self.run.log_text(dump_yaml(self.cfg), "config.yaml")
-            self.run.log_text(model_summary(self.cfg, metrics), "model_summary.yaml")
-            self.described = True
+        if self.run is not None:
+            self.run.log_epoch(metrics, step=int(metrics["epoch"]))
 
 
 def model_summary(cfg: Config, metrics: dict[str, float]) -> str:
