@@ -125,9 +125,12 @@ class TrainConfig:
     seed: int = 0
     steps_per_epoch: int | None = None
     """Cap on training steps per epoch, for smoke runs; None = one pass over the data."""
+    max_failures: int = 2
+    """Worker failures a trial survives, each time restarting from its last checkpoint."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
+        _check(self.max_failures >= 0, "train.max_failures", self.max_failures, ">= 0")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, ">= 1")
         _check(self.lr > 0, "train.lr", self.lr, "> 0")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")

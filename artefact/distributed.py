@@ -44,7 +44,6 @@ def build_trainer(
     trial_id: str,
     sweep: SweepRun | None,
     callbacks: list | None = None,
-    max_failures: int = 2,
 ) -> TorchTrainer:
     """A TorchTrainer for one trial, named after the trial so a restarted trial resumes its run."""
     return TorchTrainer(
@@ -59,6 +58,6 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=cfg.sweep.metric, checkpoint_score_order="max"
             ),
-            failure_config=FailureConfig(max_failures=max_failures),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )

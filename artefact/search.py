@@ -135,8 +135,8 @@ def max_concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
     if limit < 1:
         raise UserError(
             f"one trial needs {res.workers_per_trial} worker(s) x {res.cpus_per_worker} CPU"
-            f" and {res.gpus_per_worker} GPU each, but the Ray cluster has {resources.get('CPU', 0)} CPUs and"
-            f" {resources.get('GPU', 0)} GPUs; lower resources.* in the profile or use a bigger allocation."
+            f" and {res.gpus_per_worker} GPU each, but the cluster has {resources.get('CPU', 0):g} CPUs and"
+            f" {resources.get('GPU', 0):g} GPUs; lower resources.* in the profile or use a bigger allocation."
         )
     return limit
 

@@ -157,7 +157,7 @@ def test_ray_dashboard_answers_on_loopback_with_the_token_while_the_sweep_runs(d
 
 
 def test_fair_mode_reports_mean_and_std_and_survives_a_failing_trial(tmp_path: Path, synthetic_workspace: Path) -> None:
-    """2 encoders x 2 seeds, plus an encoder SMP cannot use: its trials fail, the rest go on."""
+    """An encoder x 2 seeds, plus an encoder SMP cannot use: its trials fail, the rest go on."""
     store = tmp_path / "mlflow.db"
     done = run_bench(
         tmp_path / "results",
@@ -168,35 +168,36 @@ def test_fair_mode_reports_mean_and_std_and_survives_a_failing_trial(tmp_path: P
         "--mode",
         "fair",
         "--encoders",
-        "tu-test_convnext,tu-test_resnet,tu-test_vit",
+        "tu-test_convnext,tu-test_vit",
         "--seeds",
         "2",
         "--epochs",
         "1",
         "--set",
         "data.crops_per_image=1",
+        "--set",
+        "train.max_failures=0",  # the failure is deterministic: retrying it only costs time
     )
     assert done.returncode == 0, done.stderr[-3000:]
     _, children = sweep_runs(store, "fair")
-    assert len(children) == 6
-    by_encoder: dict[str, list] = {}
-    for child in children:
-        by_encoder.setdefault(child.data.params.get("encoder", "?"), []).append(child)
+    assert len(children) == 4
     failed = [c for c in children if c.data.tags["artefact.outcome"] == "failed"]
     assert len(failed) == 2
     for child in failed:
         assert child.info.status == "FAILED"
         assert "downsampling" in child.data.tags["artefact.failure_reason"]
     completed = [c for c in children if c.data.tags["artefact.outcome"] == "completed"]
-    assert sorted(c.data.params["encoder"] for c in completed) == ["tu-test_convnext"] * 2 + ["tu-test_resnet"] * 2
+    assert sorted(c.data.params["encoder"] for c in completed) == ["tu-test_convnext"] * 2
     assert {c.data.params["seed"] for c in completed} == {"0", "1"}
 
     markdown = (tmp_path / "results" / "fair" / "leaderboard.md").read_text()
-    assert "±" in markdown and "tu-test_resnet" in markdown and "tu-test_vit" not in markdown
+    assert "±" in markdown and "tu-test_convnext" in markdown and "tu-test_vit" not in markdown
     rows = list(csv.DictReader((tmp_path / "results" / "fair" / "leaderboard.csv").open()))
-    assert {r["trials"] for r in rows} == {"2"}
+    assert [r["trials"] for r in rows] == ["2"]
     assert all(r["miou_fine_std"] != "" for r in rows)
     assert "failed" in done.stdout and "tu-test_vit" in done.stdout
+    plots = sorted(p.name for p in (tmp_path / "results" / "fair" / "plots").iterdir())
+    assert plots == ["iou_per_class.png", "speed_quality.png", "validation_curves.png"]  # no Optuna in fair mode
 
 
 def _finished_trials(store: Path, sweep: str) -> int:
