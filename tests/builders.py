@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -169,3 +170,10 @@ def small_config(**sections: dict) -> Config:
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
     return from_dict(base)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

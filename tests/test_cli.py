@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from builders import REPO, run_cli
+from builders import REPO, free_port, run_cli
 
 from artefact.data.prepare import read_index
 
@@ -125,14 +125,6 @@ def test_allocation_flags_come_from_the_profile_node() -> None:
     assert missing.returncode == 2 and "--profile 'v100s-x3' is unknown" in missing.stderr
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ui_beyond_loopback_warns_and_answers_requests_addressed_to_it(tmp_path: Path) -> None:
     """A multi-node SLURM job serves MLflow on the head's address; MLflow itself answers 403
@@ -152,7 +144,7 @@ def test_ui_beyond_loopback_warns_and_answers_requests_addressed_to_it(tmp_path:
     if not addresses:
         pytest.skip("this machine has no non-loopback IPv4 address")
     address = addresses[0]
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "artefact", "ui", "--host", address, "--port", str(port)]
         + ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],

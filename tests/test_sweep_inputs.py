@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
-import socket
 import sys
 from pathlib import Path
 
 import pytest
+from builders import free_port
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("encoder_bench", REPO / "sweeps" / "encoder_bench.py")
 encoder_bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(encoder_bench)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 CASES = {
@@ -41,9 +35,9 @@ CASES = {
     ),
     "resume without a sweep": (["--resume", "--name", "never-ran"], "--resume: no earlier sweep named 'never-ran'"),
     "resume without a name": (["--resume"], "--resume needs --name"),
-    "unreachable address": (["--address", f"127.0.0.1:{_free_port()}"], "no Ray head answers there"),
+    "unreachable address": (["--address", f"127.0.0.1:{free_port()}"], "no Ray head answers there"),
     "unreachable tracking server": (
-        ["--tracking-uri", f"http://127.0.0.1:{_free_port()}"],
+        ["--tracking-uri", f"http://127.0.0.1:{free_port()}"],
         "the MLflow server does not answer",
     ),
     "a metric that is minimised": (["--set", "sweep.metric=val/loss"], "a maximised validation metric"),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from builders import free_port
 from sweep_helpers import REPO, sweep_runs
 
 from artefact.figures import CONFUSION_SIZE, DPI
@@ -40,12 +40,6 @@ SCREENSHOTS = REPO / "test-artifacts" / "browser"
 PAGE_TIMEOUT_MS = 90_000
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def sweep(default_sweep):
     done, _, store = default_sweep
@@ -58,7 +52,7 @@ def sweep(default_sweep):
 def mlflow_ui(sweep):
     """``python -m artefact ui`` on the sweep's store, on a free loopback port."""
     store = sweep[0]
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "artefact", "ui", "--tracking-uri", f"sqlite:///{store}", "--port", str(port)],
         cwd=REPO,
