@@ -145,8 +145,11 @@ def _serve_ui(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     destination = args.artifacts_destination
-    if destination is None and args.tracking_uri.startswith("sqlite:///"):
-        destination = str(Path(args.tracking_uri.removeprefix("sqlite:///")).parent / "artifacts")
+    if destination is None:
+        from artefact.tracking import sqlite_artifact_root
+
+        root = sqlite_artifact_root(args.tracking_uri)
+        destination = str(root) if root is not None else None
     command = [
         sys.executable,
         "-m",

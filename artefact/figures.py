@@ -50,8 +50,7 @@ class Evaluation:
 
 
 def evaluation_figures(evaluation: Evaluation, folder: Path) -> list[Path]:
-    """confusion_<head>.png per head and prediction_<n>_<id>.png per image; names are stable
-    across epochs, so a better epoch's figures replace the earlier ones."""
+    """confusion_<head>.png per head and prediction_<n>_<id>.png per image, in ``folder``."""
     paths = []
     for head, counts in evaluation.confusion.items():
         title = f"{head} head, epoch {evaluation.epoch}"
@@ -94,10 +93,9 @@ def confusion_figure(counts: np.ndarray, class_names: tuple[str, ...], title: st
     axes.set_xlabel("predicted")
     axes.set_ylabel("truth (labelled pixels)")
     axes.set_title(title)
-    if len(class_names) <= 16:
-        for row, col in zip(*np.nonzero(shares >= 0.01), strict=True):
-            colour = "white" if shares[row, col] > 0.6 else "black"
-            axes.text(col, row, f"{shares[row, col]:.2f}", ha="center", va="center", fontsize=6, color=colour)
+    for row, col in zip(*np.nonzero(shares >= 0.01), strict=True):
+        colour = "white" if shares[row, col] > 0.6 else "black"
+        axes.text(col, row, f"{shares[row, col]:.2f}", ha="center", va="center", fontsize=6, color=colour)
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of the row")
     figure.tight_layout()
     return _save(figure, path)

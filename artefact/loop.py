@@ -156,7 +156,7 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
         score = metrics.get(cfg.sweep.metric, -math.inf)
         evaluation = None
         if score > best and ranks.rank == 0:
-            evaluation = Evaluation(epoch + 1, confusion, predictions)
+            evaluation = Evaluation(epoch + 1, {h: c.cpu().numpy() for h, c in confusion.items()}, predictions)
         best = max(best, score)
         state = None
         if ranks.rank == 0:
@@ -316,7 +316,7 @@ def predict_tiled(model: nn.Module, image: torch.Tensor, resolution: int, chunk:
 @torch.no_grad()
 def _validate(
     model, loader, materials, preview_ids, normalise, weights, dtype, resolution, chunk, ranks
-) -> tuple[dict[str, float], dict[str, np.ndarray], list[Prediction]]:
+) -> tuple[dict[str, float], dict[str, torch.Tensor], list[Prediction]]:
     """Metrics, confusion counts per head (summed over ranks) and predictions for the first
     ``PREDICTION_IMAGES`` of ``preview_ids`` (empty on ranks other than 0)."""
     model.eval()
@@ -354,15 +354,16 @@ def _validate(
     for name, cm in zip(materials, by_material, strict=True):
         if cm.sum() > 0:
             metrics[f"val/miou_fine_by_material/{name}"] = mean_iou(cm)
-    return metrics, {head: counts.cpu().numpy() for head, counts in confusion.items()}, predictions
+    return metrics, confusion, predictions
 
 
 def _preview(sample_id: str, image: torch.Tensor, truth: torch.Tensor, predicted: torch.Tensor) -> Prediction:
     """A subsampled host copy of one validation image, its truth and its prediction, without
     the padding that ``ValDataset`` added (zero pixels, ignored labels)."""
     content = (truth != IGNORE_INDEX) | (image.amax(0) > 0)
-    height = int(content.any(1).nonzero().max()) + 1 if content.any() else truth.shape[0]
-    width = int(content.any(0).nonzero().max()) + 1 if content.any() else truth.shape[1]
+    rows, cols = content.any(1).nonzero(), content.any(0).nonzero()
+    height = int(rows.max()) + 1 if len(rows) else truth.shape[0]
+    width = int(cols.max()) + 1 if len(cols) else truth.shape[1]
     image, truth, predicted = image[:, :height, :width], truth[:height, :width], predicted[:height, :width]
     step = max(1, math.ceil(max(height, width) / PREVIEW_SIDE))
     return Prediction(

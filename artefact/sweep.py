@@ -20,7 +20,7 @@ from pathlib import Path
 import ray
 import torch
 
-from artefact.cli import UI_HOST, UI_PORT
+from artefact.cli import UI_HOST, UI_PORT, allocation_resources
 from artefact.config import Config, SweepRequest, dump_yaml, flatten, read_yaml, to_dict
 from artefact.data.prepare import cache_params, ensure_cache, is_cache
 from artefact.errors import SweepInterrupted, UserError
@@ -29,7 +29,15 @@ from artefact.hardware import check_gpu_supported
 from artefact.memory import check_fits
 from artefact.models import resolve_encoder
 from artefact.report import leaderboard, render_text, write_leaderboard, write_plots
-from artefact.search import can_resume, optuna_storage, run_sweep, space_description, summarise, trial_count
+from artefact.search import (
+    can_resume,
+    max_concurrent_trials,
+    optuna_storage,
+    run_sweep,
+    space_description,
+    summarise,
+    trial_count,
+)
 from artefact.tracking import (
     SweepRun,
     check_store,
@@ -54,7 +62,8 @@ PLOTS_FOLDER = "plots"
 
 def check_config(cfg: Config) -> None:
     """The checks of a config alone (no results folder, store or cluster): encoders, GPU
-    memory, GPU architecture and data path. ``encoder_bench.py --check`` runs just these."""
+    memory, GPU architecture, data path and, inside a SLURM job, that one trial fits the
+    allocation. ``encoder_bench.py --check`` runs just these."""
     for encoder in cfg.sweep.encoders:
         resolve_encoder(encoder)
     check_fits(cfg)
@@ -62,6 +71,9 @@ def check_config(cfg: Config) -> None:
         check_gpu_supported(torch.device("cuda"))
     if cfg.data.path is not None and not Path(cfg.data.path).exists():
         raise UserError(f"--data {cfg.data.path}: no such file or folder.")
+    allocation = allocation_resources()
+    if allocation is not None:
+        max_concurrent_trials(cfg, allocation)
 
 
 def validate(request: SweepRequest) -> Path:

@@ -81,12 +81,18 @@ class SweepRun:
     sweep: str
 
 
+def sqlite_artifact_root(uri: str) -> Path | None:
+    """Where a SQLite store keeps artifacts: beside its database (MLflow's default is ./mlruns
+    under whatever folder the process runs in). None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///")).parent / "artifacts"
+
+
 def _artifact_location(uri: str, sweep: str) -> str | None:
-    """A SQLite store keeps artifacts beside its database (MLflow's default is ./mlruns
-    under whatever folder the process runs in); a server chooses its own."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts" / sweep).resolve().as_uri()
-    return None
+    """A sweep's artifacts in a SQLite store's folder; a server chooses its own."""
+    root = sqlite_artifact_root(uri)
+    return (root / sweep).resolve().as_uri() if root is not None else None
 
 
 def open_sweep(uri: str, sweep: str, tags: dict[str, str]) -> SweepRun:

@@ -172,15 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.name is not None and not SWEEP_NAME.fullmatch(args.name):
             raise UserError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-' only (it names folders).")
         if args.check:
-            from artefact.cli import allocation_resources
-            from artefact.search import max_concurrent_trials
             from artefact.sweep import check_config
 
             profile, _, cfg = build_config(args)
             check_config(cfg)
-            allocation = allocation_resources()
-            if allocation is not None:  # inside a SLURM job: does one trial fit the allocation?
-                max_concurrent_trials(cfg, allocation)
             print(f"ok: profile {profile}, {cfg.sweep.mode} mode, encoders {', '.join(cfg.sweep.encoders)}")
             return 0
         request = build_request(args)
