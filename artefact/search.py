@@ -1,9 +1,11 @@
 """Ray Tune: the trials of a sweep, the Optuna search space, ASHA, and resume.
 
-Train V2 style: each trial is a Tune *function* that builds and fits a TorchTrainer
-named after the trial id (the deprecated ``Tuner(trainer)`` is not used). A trial's
-driver reserves almost no CPU, and ``max_concurrent_trials`` is derived from the
-cluster's resources, so trial drivers can never hold the CPUs their workers need.
+Each trial is a Tune *function*. A one-worker trial trains in that function's own
+process, which Tune reuses from trial to trial (``trial_worker.train_in_trial``). A DDP
+trial (Train V2 style) builds and fits a TorchTrainer named after the trial id (the
+deprecated ``Tuner(trainer)`` is not used); its driver reserves almost no CPU, and
+``max_concurrent_trials`` is derived from the cluster's resources, so trial drivers can
+never hold the CPUs their workers need.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from artefact.errors import UserError
 from artefact.tracking import SweepRun, set_best_checkpoint
 
 TRIAL_DRIVER_CPU = 0.01
-"""A trial's driver only waits on its TorchTrainer; {'cpu': 0} is refused by Ray."""
+"""A DDP trial's driver only waits on its TorchTrainer; {'cpu': 0} is refused by Ray."""
 TUNE_FOLDER = "tune"
 TRAIN_FOLDER = "train"
 
@@ -45,6 +47,11 @@ def space_description(cfg: Config) -> dict[str, Any]:
         "lr": [sweep.lr_min, sweep.lr_max],
         "loss_weights": _searches_weights(cfg),
     }
+
+
+def in_process(cfg: Config) -> bool:
+    """Whether a trial trains in its Tune process (one worker) rather than under a TorchTrainer."""
+    return cfg.resources.workers_per_trial == 1
 
 
 def _searches_weights(cfg: Config) -> bool:
@@ -127,7 +134,7 @@ def trial_count(cfg: Config) -> int:
 def max_concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
     """How many trials fit at once, counting every worker's CPUs and GPUs."""
     res = cfg.resources
-    cpus = res.workers_per_trial * res.cpus_per_worker + TRIAL_DRIVER_CPU
+    cpus = res.workers_per_trial * res.cpus_per_worker + (0 if in_process(cfg) else TRIAL_DRIVER_CPU)
     limit = math.floor(resources.get("CPU", 0) / cpus + 1e-9)
     if res.gpus_per_worker > 0:
         gpus = res.workers_per_trial * res.gpus_per_worker
@@ -142,9 +149,15 @@ def max_concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
 
 
 def _run_trial(params: dict[str, Any], base: dict[str, Any], cache: str, storage: str, sweep: SweepRun | None) -> None:
-    """One Tune trial: fit a TorchTrainer whose reports flow back to Tune."""
+    """One Tune trial: train here (one worker), or fit a TorchTrainer whose reports flow back to Tune."""
     cfg = apply_trial_params(from_dict(base), params)
     trial_id = tune.get_context().get_trial_id()
+    if in_process(cfg):
+        # Imported here: the torch stack loads once per reused trial process, never in the driver.
+        from artefact.trial_worker import train_in_trial
+
+        train_in_trial(cfg, Path(cache), trial_id, sweep)
+        return
     result = build_trainer(cfg, Path(cache), Path(storage), trial_id, sweep, callbacks=[TuneReportCallback()]).fit()
     if sweep is not None and result.best_checkpoints:
         best, _ = max(result.best_checkpoints, key=lambda pair: pair[1].get(cfg.sweep.metric, -math.inf))
@@ -155,13 +168,18 @@ def _trainable(cfg: Config, cache: Path, sweep_dir: Path, sweep: SweepRun | None
     trainable = tune.with_parameters(
         _run_trial, base=to_dict(cfg), cache=str(cache), storage=str(sweep_dir / TRAIN_FOLDER), sweep=sweep
     )
+    res = cfg.resources
+    if in_process(cfg):
+        return tune.with_resources(trainable, {"cpu": res.cpus_per_worker, "gpu": res.gpus_per_worker})
     return tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU})
 
 
 def _tune_config(cfg: Config, sweep_dir: Path, name: str, concurrency: int) -> tune.TuneConfig:
     sweep = cfg.sweep
     if sweep.mode == "fair":
-        return tune.TuneConfig(num_samples=1, scheduler=FIFOScheduler(), max_concurrent_trials=concurrency)
+        return tune.TuneConfig(
+            num_samples=1, scheduler=FIFOScheduler(), max_concurrent_trials=concurrency, reuse_actors=True
+        )
     scheduler = (
         ASHAScheduler(
             time_attr="training_iteration",
@@ -188,6 +206,7 @@ def _tune_config(cfg: Config, sweep_dir: Path, name: str, concurrency: int) -> t
         scheduler=scheduler,
         num_samples=sweep.trials,
         max_concurrent_trials=concurrency,
+        reuse_actors=True,
     )
 
 
@@ -288,7 +307,11 @@ def run_sweep(
                 storage_path=str(sweep_dir.resolve()),
                 verbose=2 if verbose else 0,
                 callbacks=[] if verbose else [ProgressLog(trial_count(cfg), cfg.train.epochs, cfg.sweep.metric)],
-                failure_config=tune.FailureConfig(max_failures=0),
+                # One-worker trials are retried by Tune from their last checkpoint; DDP trials by Train.
+                failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures if in_process(cfg) else 0),
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=2, checkpoint_score_attribute=cfg.sweep.metric, checkpoint_score_order="max"
+                ),
             ),
         )
     return tuner.fit()
@@ -345,8 +368,11 @@ def summarise(
 
 
 def _best_checkpoint(result: tune.Result, metric: str) -> str | None:
-    """Tune's copy of the reports carries each checkpoint's path (absent for epochs that a
-    resumed trial did not re-run; ``_run_trial`` tags those trials itself)."""
+    """A one-worker trial's checkpoints are Tune's own. For a DDP trial, Tune's copy of the
+    reports carries each Train checkpoint's path (absent for epochs that a resumed trial
+    did not re-run; ``_run_trial`` tags those trials itself)."""
+    if result.best_checkpoints:
+        return result.get_best_checkpoint(metric, "max").path
     frame = result.metrics_dataframe
     if frame is None or CHECKPOINT_PATH_KEY not in frame or metric not in frame or not frame[metric].notna().any():
         return None

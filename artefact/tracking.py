@@ -160,25 +160,34 @@ def _get_or_create_trial_run(client: MlflowClient, sweep: SweepRun, trial_id: st
 
 
 class TrialRun:
-    """A trial's child run, logged from rank 0 of the trial only."""
+    """A trial's child run, logged from rank 0 of the trial only.
+
+    Epochs are logged at most once: a restarted trial re-runs the epochs after its last
+    checkpoint, and an epoch this run already holds is not logged again.
+    """
 
     def __init__(self, sweep: SweepRun, trial_id: str, params: dict[str, object]) -> None:
         self.client = MlflowClient(sweep.uri)
         self.run_id, created = _get_or_create_trial_run(self.client, sweep, trial_id)
+        self.logged_epochs: set[int] = set()
         if created:
             self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         else:
             self.client.update_run(self.run_id, status="RUNNING")
+            self.logged_epochs = {point.step for point in self.client.get_metric_history(self.run_id, "epoch")}
 
     def log_epoch(self, metrics: dict[str, float], step: int) -> None:
+        """One batch per epoch (``epoch`` included), so an epoch is in the store whole or not at all."""
+        if step in self.logged_epochs:
+            return
         now = int(time.time() * 1000)
         rows = [
             Metric(key, float(value), now, step)
             for key, value in metrics.items()
             if isinstance(value, (int, float)) and math.isfinite(value)
         ]
-        for start in range(0, len(rows), 1000):
-            self.client.log_batch(self.run_id, metrics=rows[start : start + 1000])
+        self.client.log_batch(self.run_id, metrics=rows)
+        self.logged_epochs.add(step)
 
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)

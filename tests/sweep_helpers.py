@@ -20,6 +20,8 @@ from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "sweeps" / "encoder_bench.py"
+TRIAL_ACTOR = "ImplicitFunc"
+"""The class of a Tune function trial's actor, where a one-worker trial trains."""
 
 
 def bench_command(results: Path, workspace: Path, store: Path, *args: str) -> list[str]:
@@ -130,7 +132,7 @@ def run_bench_watching_dashboard(
             _, actors = _dashboard_get(f"{watched.dashboard_url}/api/v0/actors?limit=1000", token)
             watched.nodes = nodes.get("data", {}).get("result", {}).get("result", [])
             alive = [a for a in actors.get("data", {}).get("result", {}).get("result", []) if a.get("state") == "ALIVE"]
-            if any("TrainController" in a.get("class_name", "") for a in alive):
+            if any(TRIAL_ACTOR in a.get("class_name", "") for a in alive):
                 watched.actors = alive
         if process.poll() is None:
             kill_process_tree(process)
