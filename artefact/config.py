@@ -127,6 +127,10 @@ class TrainConfig:
     """Cap on training steps per epoch, for smoke runs; None = one pass over the data."""
     max_failures: int = 2
     """Worker failures a trial survives, each time restarting from its last checkpoint."""
+    channels_last: bool = False
+    """Channels-last (NHWC) model and batches: faster convolutions on some GPUs (README, Performance)."""
+    compile: bool = False
+    """torch.compile the training step's model; compiling costs time up front in every trial."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")

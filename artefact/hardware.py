@@ -23,6 +23,14 @@ def select_device(name: str) -> torch.device:
     return device
 
 
+def configure_kernels(device: torch.device) -> None:
+    """cuDNN autotuning (training crops and validation tiles have fixed sizes) and TF32 for
+    the float32 matrix work outside autocast."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+
+
 def check_gpu_supported(device: torch.device) -> None:
     """A V100 (sm_70) under a CUDA 13 build fails deep inside the first kernel; fail here instead."""
     major, minor = torch.cuda.get_device_capability(device)
@@ -51,6 +59,25 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+
+
+PEAK_TFLOPS = {
+    "H200": {torch.bfloat16: 989.0, torch.float16: 989.0},
+    "H100": {torch.bfloat16: 989.0, torch.float16: 989.0},
+    "A100": {torch.bfloat16: 312.0, torch.float16: 312.0},
+    "V100S": {torch.float16: 130.0},
+    "V100": {torch.float16: 125.0},
+}
+"""Dense tensor-core peaks from the vendors' data sheets (SXM parts), by device-name substring.
+V100S before V100: the first substring found wins."""
+
+
+def peak_tflops(device_name: str, dtype: torch.dtype | None) -> float | None:
+    """The device's peak for ``dtype``; None when the GPU or precision is not in the table."""
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in device_name:
+            return peaks.get(dtype)
+    return None
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -31,7 +31,7 @@ from artefact.config import Config
 from artefact.data.dataset import TrainDataset, ValDataset
 from artefact.errors import UserError
 from artefact.figures import Evaluation, Prediction, evaluation_figures
-from artefact.hardware import amp_dtype, peak_memory_mb, reset_peak_memory, select_device
+from artefact.hardware import amp_dtype, configure_kernels, peak_memory_mb, reset_peak_memory, select_device
 from artefact.losses import multitask_loss
 from artefact.metrics import confusion_matrix, iou_per_class, mean_iou
 from artefact.models import build_model, count_parameters, forward_gflop
@@ -43,6 +43,9 @@ PREDICTION_IMAGES = 3
 """Validation images drawn as prediction overlays for the best epoch."""
 PREVIEW_SIDE = 768
 """Longest side of an overlay image; larger validation images are subsampled."""
+DIVERGENCE_CHECK_STEPS = 10
+"""Steps between checks for a non-finite loss: each check waits for the GPU, so checking
+every step would stall the queue of kernels the CPU has launched ahead."""
 
 
 class Reporter(Protocol):
@@ -83,16 +86,21 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
     if device.type == "cuda" and ranks.distributed:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = amp_dtype(cfg.train.amp, device)
+    configure_kernels(device)
     weights = cfg.loss.weights(cfg.model.heads)
 
     model = build_model(cfg.model, cfg.data.resolution).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     parameters = count_parameters(model)
     gflop = forward_gflop(cfg.model, cfg.data.resolution)
     net: nn.Module = DistributedDataParallel(model) if ranks.distributed else model
+    if cfg.train.compile:
+        net = torch.compile(net)
 
     train_set = TrainDataset(cache, cfg.data.resolution, cfg.data.crops_per_image, cfg.data.in_memory)
     val_set = ValDataset(cache, cfg.data.resolution, cfg.data.in_memory)
-    train_loader = _train_loader(cfg, train_set, ranks, device)
+    train_loader = make_train_loader(cfg, train_set, ranks, device)
     steps_per_epoch = min(len(train_loader), cfg.train.steps_per_epoch or len(train_loader))
     val_shard = Subset(val_set, list(range(ranks.rank, len(val_set), ranks.world)))
     val_ids = [val_set.rows[index]["id"] for index in val_shard.indices]
@@ -107,7 +115,7 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
     if resume_from is not None:
         start_epoch, best = _restore(resume_from, model, optimizer, scheduler, scaler)
 
-    normalise = _Normaliser(device)
+    normalise = _Normaliser(device, cfg.train.channels_last)
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, cfg.train.epochs):
         if isinstance(train_loader.sampler, DistributedSampler):
@@ -210,7 +218,7 @@ def _worker_seed(worker_id: int) -> None:
     info.dataset.reseed(info.seed)
 
 
-def _train_loader(cfg: Config, dataset: TrainDataset, ranks: Ranks, device: torch.device) -> DataLoader:
+def make_train_loader(cfg: Config, dataset: TrainDataset, ranks: Ranks, device: torch.device) -> DataLoader:
     sampler = DistributedSampler(dataset, ranks.world, ranks.rank, seed=cfg.train.seed) if ranks.distributed else None
     loader = DataLoader(
         dataset,
@@ -234,14 +242,16 @@ def _train_loader(cfg: Config, dataset: TrainDataset, ranks: Ranks, device: torc
 class _Normaliser:
     """uint8 NCHW on the host -> normalised float on the device (4x less to copy)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, channels_last: bool = False) -> None:
         self.device = device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
         self.luts = {head: torch.from_numpy(lut).to(device) for head, lut in HEAD_LUTS.items()}
 
     def images(self, batch: torch.Tensor) -> torch.Tensor:
-        return (batch.to(self.device, non_blocking=True).float() - self.mean) / self.std
+        images = (batch.to(self.device, non_blocking=True).float() - self.mean) / self.std
+        return images.contiguous(memory_format=self.memory_format)
 
     def targets(self, masks: torch.Tensor, heads: tuple[str, ...] | list[str]) -> dict[str, torch.Tensor]:
         fine = masks.to(self.device, non_blocking=True).long()
@@ -255,14 +265,16 @@ def _train_epoch(
     device = normalise.device
     totals = torch.zeros(len(weights) + 1, device=device)
     images = 0
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     for step, (batch, masks) in enumerate(_take(loader, steps)):
         inputs = normalise.images(batch)
         targets = normalise.targets(masks, list(weights))
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             outputs = net(inputs)
         loss, per_head = multitask_loss(outputs, targets, weights)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
+        nonfinite |= ~torch.isfinite(loss.detach())
+        if ((step + 1) % DIVERGENCE_CHECK_STEPS == 0 or step + 1 == steps) and nonfinite.item():
+            raise TrainingDiverged(f"the training loss became NaN or infinite at epoch {epoch + 1}, by step {step + 1}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)

@@ -11,6 +11,7 @@ never hold the CPUs their workers need.
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from artefact.tracking import SweepRun, set_best_checkpoint
 TRIAL_DRIVER_CPU = 0.01
 """A DDP trial's driver only waits on its TorchTrainer; {'cpu': 0} is refused by Ray."""
 TUNE_FOLDER = "tune"
+STATE_SAVE_PERIOD_S = 1
 TRAIN_FOLDER = "train"
 
 
@@ -174,6 +176,21 @@ def _trainable(cfg: Config, cache: Path, sweep_dir: Path, sweep: SweepRun | None
     return tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU})
 
 
+class ResumableOptunaSearch(OptunaSearch):
+    """OptunaSearch that survives a re-run of a trial the study already holds as finished.
+
+    Killed between Optuna's record of a finished trial and Tune's next state save, a sweep
+    resumes that trial from its last Tune checkpoint and reports its last epoch again. The
+    study keeps its first record; Optuna would otherwise fail the whole sweep.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        try:
+            super().on_trial_result(trial_id, result)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+
+
 def _tune_config(cfg: Config, sweep_dir: Path, name: str, concurrency: int) -> tune.TuneConfig:
     sweep = cfg.sweep
     if sweep.mode == "fair":
@@ -190,7 +207,7 @@ def _tune_config(cfg: Config, sweep_dir: Path, name: str, concurrency: int) -> t
         if sweep.scheduler == "asha"
         else FIFOScheduler()
     )
-    searcher = OptunaSearch(
+    searcher = ResumableOptunaSearch(
         space=SearchSpace.from_config(cfg),
         metric=sweep.metric,
         mode="max",
@@ -291,6 +308,9 @@ def run_sweep(
 ) -> tune.ResultGrid:
     """Start (or resume) the sweep's Tuner on the connected Ray cluster and wait for it."""
     concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
+    # By default Tune saves the sweep's state every 10 s or more; a trial that ends
+    # inside that window is re-run after a kill and --resume. Saving each second keeps it short.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(STATE_SAVE_PERIOD_S))
     if not verbose:  # Optuna announces every study and trial at INFO
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     trainable = _trainable(cfg, cache, sweep_dir, sweep)

@@ -1,0 +1,126 @@
+"""Sweep overhead and early stopping, measured on real sweeps of the main job
+(``sweeps/encoder_bench.py`` in a subprocess, as a user runs it)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from artefact.config import Config
+from artefact.search import max_concurrent_trials
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "sweeps" / "encoder_bench.py"
+
+
+def run_main_job(args: list[str], workdir: Path) -> tuple[float, str]:
+    """(wall seconds, stdout) of one sweep into ``workdir``'s results folder and MLflow store."""
+    command = [
+        sys.executable,
+        str(BENCH),
+        *args,
+        "--results",
+        str(workdir / "results"),
+        "--workspace",
+        str(workdir / "workspace"),
+        "--tracking-uri",
+        f"sqlite:///{(workdir / 'mlflow.db').resolve()}",
+    ]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {done.returncode}:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+    return wall, done.stdout
+
+
+def tune_results(sweep_dir: Path) -> list[list[dict]]:
+    """Each trial's Tune results (one row per epoch), from the trials' ``result.json``."""
+    trials = []
+    for path in sorted((sweep_dir / "tune").glob("*/result.json")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if rows:
+            trials.append(rows)
+    return trials
+
+
+def concurrency(cfg: Config, stdout: str) -> int:
+    """How many trials the sweep ran at once, from the cluster size it printed."""
+    found = re.search(r"Ray cluster: ([\d.]+) CPUs, ([\d.]+) GPUs", stdout)
+    if found is None:
+        raise RuntimeError("the sweep did not print its cluster size ('Ray cluster: …')")
+    return max_concurrent_trials(cfg, {"CPU": float(found.group(1)), "GPU": float(found.group(2))})
+
+
+def _set_flags(overrides: list[str]) -> list[str]:
+    return [flag for override in overrides for flag in ("--set", override)]
+
+
+def sweep_overhead(
+    cfg: Config, profile: str, overrides: list[str], trials: int, epochs: int, workdir: Path
+) -> dict[str, object]:
+    """Wall time of a FIFO sweep against the training time measured inside its trials."""
+    name = "overhead"
+    args = ["--profile", profile, *_set_flags(overrides), "--mode", "search"]
+    args += ["--trials", str(trials), "--epochs", str(epochs)]
+    wall, stdout = run_main_job([*args, "--name", name, "--set", "sweep.scheduler=fifo"], workdir)
+    per_trial = tune_results(workdir / "results" / name)
+    training = [sum(row["perf/epoch_s"] for row in rows) for rows in per_trial]
+    startup = [rows[0]["time_total_s"] - rows[0]["perf/epoch_s"] for rows in per_trial]
+    first_start = min(rows[0]["timestamp"] - rows[0]["time_total_s"] for rows in per_trial)
+    last_end = max(rows[-1]["timestamp"] for rows in per_trial)
+    at_once = concurrency(cfg, stdout)
+    ideal = sum(training) / at_once
+    return {
+        "trials": len(per_trial),
+        "epochs_per_trial": epochs,
+        "concurrency": at_once,
+        "training_s_per_trial": round(sum(training) / len(training), 2),
+        "training_s_total": round(sum(training), 2),
+        "ideal_wall_s": round(ideal, 2),
+        "wall_s": round(wall, 2),
+        "overhead_ratio": round(wall / ideal, 3),
+        "trials_wall_s": round(last_end - first_start, 2),
+        "trials_overhead_ratio": round((last_end - first_start) / ideal, 3),
+        "startup_s_per_trial": round(sum(startup) / len(startup), 2),
+        "startup_s_max": round(max(startup), 2),
+    }
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def early_stopping(
+    profile: str, overrides: list[str], trials: int, epochs: int, seeds: int, workdir: Path
+) -> dict[str, object]:
+    """ASHA's search against an exhaustive fair run (every encoder x seed at full length)."""
+    common = ["--profile", profile, *_set_flags(overrides), "--epochs", str(epochs)]
+    search_wall, _ = run_main_job([*common, "--mode", "search", "--trials", str(trials), "--name", "asha"], workdir)
+    fair_wall, _ = run_main_job([*common, "--mode", "fair", "--seeds", str(seeds), "--name", "fair"], workdir)
+    search_dir, fair_dir = workdir / "results" / "asha", workdir / "results" / "fair"
+    search_trials = _csv_rows(search_dir / "trials.csv")
+    epochs_run = sum(int(row["epochs"]) for row in search_trials)
+    full = len(search_trials) * epochs
+    best_search = _csv_rows(search_dir / "leaderboard.csv")[0]["encoder"]
+    best_fair = _csv_rows(fair_dir / "leaderboard.csv")[0]["encoder"]
+    return {
+        "search_trials": len(search_trials),
+        "epochs_per_trial": epochs,
+        "epochs_run": epochs_run,
+        "epochs_at_full_length": full,
+        "epochs_saved_fraction": round(1 - epochs_run / full, 3),
+        "stopped_early": sum(row["outcome"] == "stopped_early" for row in search_trials),
+        "best_encoder_search": best_search,
+        "best_encoder_fair": best_fair,
+        "same_best_encoder": best_search == best_fair,
+        "fair_runs": len(_csv_rows(fair_dir / "trials.csv")),
+        "search_wall_s": round(search_wall, 1),
+        "fair_wall_s": round(fair_wall, 1),
+    }

@@ -1,0 +1,191 @@
+"""Images per second: a bare PyTorch loop, our training loop (in-process and under Ray
+Train), the data pipeline alone, and the GPU's model FLOP utilisation (MFU)."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from artefact.config import Config
+from artefact.data.dataset import TrainDataset, load_split
+from artefact.hardware import configure_kernels, peak_tflops, select_device
+from artefact.loop import Ranks, make_train_loader, train
+from artefact.losses import multitask_loss
+from artefact.models import build_model, forward_gflop
+from artefact.taxonomy import HEAD_LUTS
+
+TRAINING_FLOP_FACTOR = 3
+"""Training costs about 3x the forward pass (forward, backward for inputs and for weights).
+PyTorch's FlopCounterMode is not used for the backward pass: it ignores ``groups`` in
+convolution backward and counts a depthwise 7x7 convolution as a dense one, which makes
+UNet-ConvNeXt-T look like 272 GFLOP per training image instead of about 122."""
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_steps(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds for ``steps`` calls of ``step`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    _synchronise(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _synchronise(device)
+    return time.perf_counter() - started
+
+
+def bare_step_speed(
+    cfg: Config,
+    dtype: torch.dtype | None,
+    steps: int,
+    warmup: int = 3,
+    batch_size: int | None = None,
+    channels_last: bool = False,
+    compile_model: bool = False,
+) -> dict[str, float]:
+    """The baseline: the same model, loss and AMP, on one batch already on the device;
+    forward, backward and an AdamW step, nothing else."""
+    device = select_device(cfg.train.device)
+    configure_kernels(device)
+    batch = batch_size or cfg.train.batch_size
+    resolution = cfg.data.resolution
+    model = build_model(cfg.model, resolution).to(device)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, resolution, resolution, generator=generator).to(device)
+    fine = torch.randint(0, 16, (batch, resolution, resolution), generator=generator).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    net = torch.compile(model) if compile_model else model
+    weights = cfg.loss.weights(cfg.model.heads)
+    targets = {head: torch.from_numpy(HEAD_LUTS[head]).to(device)[fine].long() for head in weights}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            outputs = net(images)
+        loss, _ = multitask_loss(outputs, targets, weights)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    seconds = timed_steps(step, steps, warmup, device)
+    result = {"img_per_s": batch * steps / seconds, "batch_size": batch}
+    if device.type == "cuda":
+        result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+class _LastMetrics:
+    """A training-loop reporter that keeps only the last epoch's metrics."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+
+    def report(self, metrics, checkpoint_dir, evaluation) -> None:
+        self.metrics = metrics
+
+
+def measured_config(cfg: Config, cache: Path, steps: int) -> Config:
+    """Two epochs of ``steps`` steps, with enough crops per image for that many: the first
+    epoch warms up (workers, cuDNN, allocator), the second is the one measured."""
+    crops = math.ceil(steps * cfg.train.batch_size / len(load_split(cache, "train")))
+    return cfg.replace(
+        train={"epochs": 2, "steps_per_epoch": steps},
+        data={"crops_per_image": max(cfg.data.crops_per_image, crops)},
+    )
+
+
+def loop_speed(cfg: Config, cache: Path, steps: int) -> float:
+    """Our training loop, in this process: training img/s of its second epoch."""
+    reporter = _LastMetrics()
+    train(measured_config(cfg, cache, steps), cache, reporter)
+    return reporter.metrics["perf/img_per_s"]
+
+
+def ray_train_speed(cfg: Config, cache: Path, steps: int, cpus: int) -> float:
+    """Our training loop under Ray Train, one worker holding ``cpus`` CPUs (the whole machine,
+    as the in-process run has), on a local cluster started and stopped here."""
+    import ray
+
+    from artefact.distributed import build_trainer
+
+    gpus = cfg.resources.gpus_per_worker
+    run_cfg = measured_config(cfg, cache, steps).replace(
+        resources={"workers_per_trial": 1, "cpus_per_worker": cpus, "gpus_per_worker": gpus}
+    )
+    ray.init(
+        num_cpus=cpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
+    try:
+        with tempfile.TemporaryDirectory(prefix="artefact-perf-ray-") as storage:
+            result = build_trainer(run_cfg, cache, Path(storage), "perf", sweep=None).fit()
+        return result.metrics["perf/img_per_s"]
+    finally:
+        ray.shutdown()
+
+
+def pipeline_speed(cfg: Config, cache: Path, workers: int, batches: int) -> float:
+    """Images per second that the real Dataset and DataLoader deliver (reading, cropping,
+    augmenting, collating), with no model: the first batch (worker start) is not timed."""
+    device = select_device(cfg.train.device)
+    run_cfg = cfg.replace(data={"num_workers": workers})
+    dataset = TrainDataset(cache, cfg.data.resolution, cfg.data.crops_per_image, cfg.data.in_memory)
+    loader = make_train_loader(run_cfg, dataset, Ranks(), device)
+    delivered, started = 0, None
+    while delivered < batches:
+        for _batch in loader:
+            if started is None:
+                started = time.perf_counter()
+                continue
+            delivered += 1
+            if delivered >= batches:
+                break
+    return batches * cfg.train.batch_size / (time.perf_counter() - started)
+
+
+def mfu(img_per_s: float, train_gflop_per_image: float, peak: float | None) -> float | None:
+    """Model FLOP utilisation: achieved training FLOP/s over the device's peak (TFLOP/s)."""
+    if peak is None:
+        return None
+    return img_per_s * train_gflop_per_image / (peak * 1e3)
+
+
+def gpu_row(cfg: Config, dtype: torch.dtype, steps: int, **options) -> dict[str, object]:
+    """One model at one precision on the GPU: img/s, peak memory and MFU."""
+    device = torch.device("cuda")
+    gflop = TRAINING_FLOP_FACTOR * forward_gflop(cfg.model, cfg.data.resolution)
+    row: dict[str, object] = {
+        "arch": cfg.model.arch,
+        "encoder": cfg.model.encoder,
+        "dtype": str(dtype).removeprefix("torch."),
+        "channels_last": options.get("channels_last", False),
+        "compile": options.get("compile_model", False),
+        "resolution": cfg.data.resolution,
+        "train_gflop_per_image": round(gflop, 2),
+    }
+    try:
+        row.update(bare_step_speed(cfg, dtype, steps, warmup=5, **options))
+        row["mfu"] = mfu(row["img_per_s"], gflop, peak_tflops(torch.cuda.get_device_name(device), dtype))
+    except torch.cuda.OutOfMemoryError:
+        row["error"] = "out of memory"
+    finally:
+        torch.cuda.empty_cache()
+    return row
