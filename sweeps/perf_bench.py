@@ -115,13 +115,15 @@ def measure_loop(cfg, cache: Path, sizes: Sizes) -> dict[str, object]:
     from artefact.hardware import amp_dtype, select_device
 
     dtype = amp_dtype(cfg.train.amp, select_device(cfg.train.device))
-    bare = bare_step_speed(cfg, dtype, sizes.loop_steps)["img_per_s"]
+    options = {"channels_last": cfg.train.channels_last, "compile_model": cfg.train.compile}
+    bare = bare_step_speed(cfg, dtype, sizes.loop_steps, **options)["img_per_s"]
     ours = loop_speed(cfg, cache, sizes.loop_steps)
     result: dict[str, object] = {
         "encoder": cfg.model.encoder,
         "batch_size": cfg.train.batch_size,
         "resolution": cfg.data.resolution,
         "amp": str(dtype).removeprefix("torch.") if dtype else "off",
+        **options,
         "steps": sizes.loop_steps,
         "bare_img_per_s": round(bare, 2),
         "in_process_img_per_s": round(ours, 2),
