@@ -56,6 +56,9 @@ RAY_ENV = {
     # Train V2 polls worker health every 2 s by default; on short trials that polling
     # dominates start-up (FACTS.md: ~19 s -> ~12 s per trial).
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    # A trial stopped inside its report still logs its best epoch's figures (1-3 s) before its
+    # process takes the next trial; Tune waits 2 s by default, then starts a new process.
+    "TUNE_FUNCTION_THREAD_TIMEOUT_S": "30",
 }
 PLOTS_FOLDER = "plots"
 

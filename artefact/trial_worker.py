@@ -4,8 +4,10 @@ MLflow child run."""
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +22,7 @@ from artefact.checkpoint import CHECKPOINT_FILE
 from artefact.config import Config, dump_yaml, from_dict
 from artefact.figures import Evaluation, evaluation_figures
 from artefact.loop import train
+from artefact.models import TRAINING_FLOP_FACTOR
 from artefact.tracking import SweepRun, TrialRun
 
 EVALUATION_FOLDER = "evaluation"
@@ -57,15 +60,25 @@ def send_to_tune(metrics: dict[str, float], checkpoint_dir: Path | None) -> None
     tune.report(metrics, checkpoint=checkpoint)
 
 
+FIGURE_INTERVAL_S = 60.0
+"""Least time between two drawings of a trial's best-epoch figures (and at its end).
+
+Drawing and uploading them takes 1-3 s of CPU; on short CPU epochs, drawing at every
+improving epoch cost a quarter of the training time (sweeps/perf_bench.py)."""
+
+
 class RayReporter:
     """Forwards each epoch to Ray (metrics + checkpoint) and, on rank 0, to MLflow:
-    metrics per epoch, the resolved config and model summary once, and the best epoch's figures."""
+    metrics per epoch, the resolved config and model summary once, and the best epoch's
+    figures, at most every ``FIGURE_INTERVAL_S`` and once more when the trial ends."""
 
     def __init__(self, run: TrialRun | None, cfg: Config, send: Send) -> None:
         self.run = run
         self.cfg = cfg
         self.send = send
         self.described = False
+        self.pending: Evaluation | None = None
+        self.drawn_at = -math.inf
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, evaluation: Evaluation | None) -> None:
         # MLflow goes first: Tune may stop the trial inside the report (ASHA, or its last
@@ -76,12 +89,21 @@ class RayReporter:
                 self.run.log_text(dump_yaml(self.cfg), "config.yaml")
                 self.run.log_text(model_summary(self.cfg, metrics), "model_summary.yaml")
                 self.described = True
-            if evaluation is not None:
-                with tempfile.TemporaryDirectory(prefix="artefact-figures-") as folder:
-                    evaluation_figures(evaluation, Path(folder))
-                    self.run.log_evaluation(Path(folder), f"{EVALUATION_FOLDER}/epoch_{evaluation.epoch:03d}")
+            self.pending = evaluation or self.pending
+            if time.monotonic() - self.drawn_at >= FIGURE_INTERVAL_S:
+                self.draw_figures()
             self.run.log_epoch(metrics, step=int(metrics["epoch"]))
         self.send(metrics, checkpoint_dir)
+
+    def draw_figures(self) -> None:
+        """Log the best epoch's figures not yet logged, if any."""
+        if self.run is None or self.pending is None:
+            return
+        with tempfile.TemporaryDirectory(prefix="artefact-figures-") as folder:
+            evaluation_figures(self.pending, Path(folder))
+            self.run.log_evaluation(Path(folder), f"{EVALUATION_FOLDER}/epoch_{self.pending.epoch:03d}")
+        self.pending = None
+        self.drawn_at = time.monotonic()
 
 
 def model_summary(cfg: Config, metrics: dict[str, float]) -> str:
@@ -95,7 +117,7 @@ def model_summary(cfg: Config, metrics: dict[str, float]) -> str:
         "parameters": int(metrics["model/params"]),
         "parameters_millions": round(metrics["model/params"] / 1e6, 3),
         "gflop_forward_per_image": round(gflop, 3),
-        "gflop_training_per_image": round(3 * gflop, 3),
+        "gflop_training_per_image": round(TRAINING_FLOP_FACTOR * gflop, 3),
     }
     return yaml.safe_dump(summary, sort_keys=False)
 
@@ -106,8 +128,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     run = None
     if ray.train.get_context().get_world_rank() == 0 and loop_config.get("sweep") is not None:
         run = TrialRun(loop_config["sweep"], loop_config["trial_id"], trial_params(cfg))
+    reporter = RayReporter(run, cfg, send_to_train)
     with _restored(ray.train.get_checkpoint()) as resume_from:
-        train(cfg, Path(loop_config["cache"]), RayReporter(run, cfg, send_to_train), resume_from=resume_from)
+        train(cfg, Path(loop_config["cache"]), reporter, resume_from=resume_from)
+    reporter.draw_figures()
 
 
 def train_in_trial(cfg: Config, cache: Path, trial_id: str, sweep: SweepRun | None) -> None:
@@ -119,10 +143,12 @@ def train_in_trial(cfg: Config, cache: Path, trial_id: str, sweep: SweepRun | No
     Performance). Tune restarts a failed trial from its last checkpoint, as Train would.
     """
     run = TrialRun(sweep, trial_id, trial_params(cfg)) if sweep is not None else None
+    reporter = RayReporter(run, cfg, send_to_tune)
     try:
         with _restored(tune.get_checkpoint()) as resume_from:
-            train(cfg, cache, RayReporter(run, cfg, send_to_tune), resume_from=resume_from)
-    finally:
+            train(cfg, cache, reporter, resume_from=resume_from)
+    finally:  # also when Tune ends the trial inside a report (ASHA, or its last epoch)
+        reporter.draw_figures()
         if torch.cuda.is_available():  # the next trial in this process gets the memory back
             torch.cuda.empty_cache()
 

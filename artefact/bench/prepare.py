@@ -23,11 +23,19 @@ TILE = (500, 625)
 would take minutes)."""
 
 
+NOISE = 6
+"""Grain added to the tiled image (+-levels): without it the PNG would compress to almost
+nothing, and a real photograph's encoded bytes, which prepare also holds, would be missed."""
+
+
 def huge_sample(megapixels: float) -> tuple[Image.Image, Image.Image]:
     """An artwork of about ``megapixels`` with a matching mask, from one tiled sample."""
-    image, mask = render(np.random.default_rng(7), *TILE, "Canvas", "Artistic depiction")
+    rng = np.random.default_rng(7)
+    image, mask = render(rng, *TILE, "Canvas", "Artistic depiction")
     tiles = math.ceil(math.sqrt(megapixels * 1e6 / (TILE[0] * TILE[1])))
-    return Image.fromarray(np.tile(image, (tiles, tiles, 1))), Image.fromarray(np.tile(mask, (tiles, tiles)))
+    art = np.tile(image, (tiles, tiles, 1))
+    art += rng.integers(0, NOISE, size=art.shape, dtype=np.uint8)  # wraps at 255: grain, not a bias
+    return Image.fromarray(art), Image.fromarray(np.tile(mask, (tiles, tiles)))
 
 
 def build_source(root: Path, huge_megapixels: float, ordinary: int) -> float:
@@ -45,21 +53,32 @@ def build_source(root: Path, huge_megapixels: float, ordinary: int) -> float:
     return image.width * image.height / 1e6
 
 
+PEAK_REPORTER = (
+    "import atexit, runpy, sys\n"
+    "def peak():\n"
+    "    status = open('/proc/self/status').read()\n"
+    "    print('VmHWM_kB', status.split('VmHWM:')[1].split()[0], file=sys.stderr)\n"
+    "atexit.register(peak)\n"
+    "sys.argv[0] = 'artefact'\n"
+    "runpy.run_module('artefact', run_name='__main__')\n"
+)
+"""Runs ``python -m artefact`` and prints its own peak RSS (VmHWM) at exit. The peak must
+come from inside: the rusage that wait4 returns counts the parent's resident memory, which
+the child held for a moment between fork and exec."""
+
+
 def prepare_peak(source: Path, out: Path, max_side: int) -> dict[str, float]:
-    """Peak RSS and speed of one ``prepare`` run (its own process, so the peak is its own)."""
-    command = [sys.executable, "-m", "artefact", "prepare", "--source", str(source), "--out", str(out)]
+    """Peak RSS and duration of one ``prepare`` run, in a process of its own."""
+    command = [sys.executable, "-c", PEAK_REPORTER, "prepare", "--source", str(source), "--out", str(out)]
     command += ["--max-side", str(max_side)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    log = out.parent / "prepare.log"
     started = time.perf_counter()
-    with log.open("w") as output:  # a file, not a pipe: a pipe left unread can block the child
-        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"prepare failed (log: {log}):\n{log.read_text()[-3000:]}")
-    peak_mb = usage.ru_maxrss / 1024  # kilobytes on Linux
-    return {"seconds": seconds, "peak_rss_mb": peak_mb}
+    if done.returncode != 0:
+        raise RuntimeError(f"prepare failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+    peak_kb = int(done.stderr.rsplit("VmHWM_kB", 1)[1].split()[0])
+    return {"seconds": seconds, "peak_rss_mb": peak_kb / 1024}
 
 
 def prepare_memory(workdir: Path, huge_megapixels: float, ordinary: int, max_side: int) -> dict[str, object]:

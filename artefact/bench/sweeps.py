@@ -18,8 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "sweeps" / "encoder_bench.py"
 
 
-def run_main_job(args: list[str], workdir: Path) -> tuple[float, str]:
-    """(wall seconds, stdout) of one sweep into ``workdir``'s results folder and MLflow store."""
+def run_main_job(args: list[str], workdir: Path, workspace: Path) -> tuple[float, str]:
+    """(wall seconds, stdout) of one sweep into ``workdir``'s results folder and MLflow store,
+    on the data caches in ``workspace`` (prepared beforehand, as a user's would be)."""
     command = [
         sys.executable,
         str(BENCH),
@@ -27,7 +28,7 @@ def run_main_job(args: list[str], workdir: Path) -> tuple[float, str]:
         "--results",
         str(workdir / "results"),
         "--workspace",
-        str(workdir / "workspace"),
+        str(workspace),
         "--tracking-uri",
         f"sqlite:///{(workdir / 'mlflow.db').resolve()}",
     ]
@@ -62,13 +63,13 @@ def _set_flags(overrides: list[str]) -> list[str]:
 
 
 def sweep_overhead(
-    cfg: Config, profile: str, overrides: list[str], trials: int, epochs: int, workdir: Path
+    cfg: Config, profile: str, overrides: list[str], trials: int, epochs: int, workdir: Path, workspace: Path
 ) -> dict[str, object]:
-    """Wall time of a FIFO sweep against the training time measured inside its trials."""
+    """Wall time of a sweep without early stopping against the training time measured inside its trials."""
     name = "overhead"
     args = ["--profile", profile, *_set_flags(overrides), "--mode", "search"]
     args += ["--trials", str(trials), "--epochs", str(epochs)]
-    wall, stdout = run_main_job([*args, "--name", name, "--set", "sweep.scheduler=fifo"], workdir)
+    wall, stdout = run_main_job([*args, "--name", name, "--set", "sweep.scheduler=none"], workdir, workspace)
     per_trial = tune_results(workdir / "results" / name)
     training = [sum(row["perf/epoch_s"] for row in rows) for rows in per_trial]
     startup = [rows[0]["time_total_s"] - rows[0]["perf/epoch_s"] for rows in per_trial]
@@ -98,12 +99,14 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
 
 
 def early_stopping(
-    profile: str, overrides: list[str], trials: int, epochs: int, seeds: int, workdir: Path
+    profile: str, overrides: list[str], trials: int, epochs: int, seeds: int, workdir: Path, workspace: Path
 ) -> dict[str, object]:
     """ASHA's search against an exhaustive fair run (every encoder x seed at full length)."""
     common = ["--profile", profile, *_set_flags(overrides), "--epochs", str(epochs)]
-    search_wall, _ = run_main_job([*common, "--mode", "search", "--trials", str(trials), "--name", "asha"], workdir)
-    fair_wall, _ = run_main_job([*common, "--mode", "fair", "--seeds", str(seeds), "--name", "fair"], workdir)
+    search = [*common, "--mode", "search", "--trials", str(trials), "--name", "asha"]
+    search_wall, _ = run_main_job(search, workdir, workspace)
+    fair = [*common, "--mode", "fair", "--seeds", str(seeds), "--name", "fair"]
+    fair_wall, _ = run_main_job(fair, workdir, workspace)
     search_dir, fair_dir = workdir / "results" / "asha", workdir / "results" / "fair"
     search_trials = _csv_rows(search_dir / "trials.csv")
     epochs_run = sum(int(row["epochs"]) for row in search_trials)

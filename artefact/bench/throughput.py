@@ -16,14 +16,8 @@ from artefact.data.dataset import TrainDataset, load_split
 from artefact.hardware import configure_kernels, peak_tflops, select_device
 from artefact.loop import Ranks, make_train_loader, train
 from artefact.losses import multitask_loss
-from artefact.models import build_model, forward_gflop
+from artefact.models import TRAINING_FLOP_FACTOR, build_model, forward_gflop
 from artefact.taxonomy import HEAD_LUTS
-
-TRAINING_FLOP_FACTOR = 3
-"""Training costs about 3x the forward pass (forward, backward for inputs and for weights).
-PyTorch's FlopCounterMode is not used for the backward pass: it ignores ``groups`` in
-convolution backward and counts a depthwise 7x7 convolution as a dense one, which makes
-UNet-ConvNeXt-T look like 272 GFLOP per training image instead of about 122."""
 
 
 def _synchronise(device: torch.device) -> None:
