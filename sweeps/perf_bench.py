@@ -192,7 +192,9 @@ def measure_gpu(sizes: Sizes) -> dict[str, object]:
         for dtype in (torch.bfloat16, torch.float16):
             rows.append(gpu_row(cfg, dtype, sizes.gpu_steps, batch_size=sizes.gpu_batch))
             print(f"  {_row_text(rows[-1])}", flush=True)
-    unet = from_dict({"data": {"resolution": 384}, "model": {"arch": "unet", "encoder": "convnext_tiny"}})
+    unet = from_dict(
+        {"data": {"resolution": 384}, "model": {"arch": "unet", "encoder": "convnext_tiny", "heads": ["fine"]}}
+    )
     for options in ({"channels_last": True}, {"compile_model": True}, {"channels_last": True, "compile_model": True}):
         rows.append(gpu_row(unet, torch.bfloat16, sizes.gpu_steps, batch_size=sizes.gpu_batch, **options))
         print(f"  {_row_text(rows[-1])}", flush=True)
