@@ -61,7 +61,8 @@ def send_to_tune(metrics: dict[str, float], checkpoint_dir: Path | None) -> None
 
 
 FIGURE_INTERVAL_S = 60.0
-"""Least time between two drawings of a trial's best-epoch figures (and at its end).
+"""Least time between two drawings of a trial's best-epoch figures. They are also drawn at
+the last epoch, and, best effort, when Tune stops the trial early.
 
 Drawing and uploading them takes 1-3 s of CPU; on short CPU epochs, drawing at every
 improving epoch cost a quarter of the training time (sweeps/perf_bench.py)."""
@@ -70,7 +71,7 @@ improving epoch cost a quarter of the training time (sweeps/perf_bench.py)."""
 class RayReporter:
     """Forwards each epoch to Ray (metrics + checkpoint) and, on rank 0, to MLflow:
     metrics per epoch, the resolved config and model summary once, and the best epoch's
-    figures, at most every ``FIGURE_INTERVAL_S`` and once more when the trial ends."""
+    figures, at most every ``FIGURE_INTERVAL_S`` and at the end."""
 
     def __init__(self, run: TrialRun | None, cfg: Config, send: Send) -> None:
         self.run = run
@@ -90,7 +91,8 @@ class RayReporter:
                 self.run.log_text(model_summary(self.cfg, metrics), "model_summary.yaml")
                 self.described = True
             self.pending = evaluation or self.pending
-            if time.monotonic() - self.drawn_at >= FIGURE_INTERVAL_S:
+            last_epoch = int(metrics["epoch"]) >= self.cfg.train.epochs
+            if last_epoch or time.monotonic() - self.drawn_at >= FIGURE_INTERVAL_S:
                 self.draw_figures()
             self.run.log_epoch(metrics, step=int(metrics["epoch"]))
         self.send(metrics, checkpoint_dir)

@@ -118,6 +118,10 @@ def test_default_sweep_logs_figures_a_researcher_can_use(default_sweep, tmp_path
         assert {"config.yaml", "model_summary.yaml"} <= files, files
         evaluation = child.data.tags["artefact.evaluation"]  # set once the folder is complete
         assert re.fullmatch(r"evaluation/epoch_\d{3}", evaluation)
+        if child.data.tags["artefact.outcome"] == "completed":  # figures are drawn for the best epoch
+            history = client.get_metric_history(child.info.run_id, "val/miou_fine")
+            best_epoch = max(history, key=lambda point: (point.value, -point.step)).step
+            assert evaluation == f"evaluation/epoch_{best_epoch:03d}", (evaluation, history)
         names = sorted(path.removeprefix(evaluation + "/") for path in files if path.startswith(evaluation + "/"))
         assert names[:3] == ["confusion_binary.png", "confusion_coarse.png", "confusion_fine.png"], names
         assert len([n for n in names if n.startswith("prediction_")]) == PREDICTION_IMAGES, names
