@@ -10,6 +10,7 @@ memory and MFU of the real encoders at 384 px; only where a GPU is present).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -59,6 +60,7 @@ class Sizes:
     prepare_max_side: int = 1024
     gpu_steps: int = 15
     gpu_batch: int = 32
+    gpu_models: int = len(GPU_MODELS)
 
 
 QUICK = Sizes(
@@ -75,6 +77,7 @@ QUICK = Sizes(
     prepare_max_side=256,
     gpu_steps=3,
     gpu_batch=4,
+    gpu_models=1,
 )
 
 
@@ -113,14 +116,28 @@ def _bench_cache(cfg, workdir: Path) -> Path:
     return prepare(source, workdir / "cache", params_from(cfg.data), log=lambda _: None)
 
 
-def measure_loop(cfg, cache: Path, sizes: Sizes) -> dict[str, object]:
-    """Bare, ours and ours on Ray, interleaved and repeated (``Sizes.loop_repeats``): this
-    machine's speed drifts by 10-20% from minute to minute, so each ratio uses medians."""
-    from artefact.bench.throughput import bare_step_speed, loop_speed, ray_train_speed
+def _loop_settings(cfg):
+    """(AMP dtype, memory-format and compile options) that the bare loop shares with ours."""
     from artefact.hardware import amp_dtype, select_device
 
     dtype = amp_dtype(cfg.train.amp, select_device(cfg.train.device))
-    options = {"channels_last": cfg.train.channels_last, "compile_model": cfg.train.compile}
+    return dtype, {"channels_last": cfg.train.channels_last, "compile_model": cfg.train.compile}
+
+
+def bare_speed(cfg, sizes: Sizes) -> float:
+    """img/s of the bare loop: what the model consumes."""
+    from artefact.bench.throughput import bare_step_speed
+
+    dtype, options = _loop_settings(cfg)
+    return bare_step_speed(cfg, dtype, sizes.loop_steps, **options)["img_per_s"]
+
+
+def measure_loop(cfg, cache: Path, sizes: Sizes) -> dict[str, object]:
+    """Bare, ours and ours on Ray, interleaved and repeated (``Sizes.loop_repeats``): this
+    machine's speed drifts by 10-20% from minute to minute, so each ratio uses medians."""
+    from artefact.bench.throughput import loop_speed, ray_train_speed
+
+    dtype, options = _loop_settings(cfg)
     try:
         import ray  # noqa: F401
 
@@ -129,7 +146,7 @@ def measure_loop(cfg, cache: Path, sizes: Sizes) -> dict[str, object]:
         on_ray_too = False
     runs: dict[str, list[float]] = {"bare": [], "in_process": [], "ray_train": []}
     for _ in range(sizes.loop_repeats):
-        runs["bare"].append(bare_step_speed(cfg, dtype, sizes.loop_steps, **options)["img_per_s"])
+        runs["bare"].append(bare_speed(cfg, sizes))
         runs["in_process"].append(loop_speed(cfg, cache, sizes.loop_steps))
         if on_ray_too:
             runs["ray_train"].append(ray_train_speed(cfg, cache, sizes.loop_steps, os.cpu_count() or 1))
@@ -186,8 +203,7 @@ def measure_gpu(sizes: Sizes) -> dict[str, object]:
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA GPU is visible"}
     rows = []
-    models = GPU_MODELS if sizes.gpu_steps > QUICK.gpu_steps else GPU_MODELS[:1]
-    for arch, encoder in models:
+    for arch, encoder in GPU_MODELS[: sizes.gpu_models]:
         cfg = from_dict({"data": {"resolution": 384}, "model": {"arch": arch, "encoder": encoder, "heads": ["fine"]}})
         for dtype in (torch.bfloat16, torch.float16):
             rows.append(gpu_row(cfg, dtype, sizes.gpu_steps, batch_size=sizes.gpu_batch))
@@ -230,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--items {','.join(unknown)}: unknown; choose from {', '.join(ITEMS)}.")
         sizes = QUICK if args.quick else Sizes()
         if args.sweep_epochs:
-            sizes = Sizes(**{**sizes.__dict__, "sweep_epochs": args.sweep_epochs})
+            sizes = dataclasses.replace(sizes, sweep_epochs=args.sweep_epochs)
         with tempfile.TemporaryDirectory(prefix="artefact-perf-") as scratch:
             workdir = (args.workdir or Path(scratch)).resolve()
             workdir.mkdir(parents=True, exist_ok=True)
@@ -275,7 +291,7 @@ def run_items(
         if item == "loop":
             results[item] = measure_loop(cfg, cache, sizes)
         elif item == "data":
-            model = results.get("loop", {}).get("bare_img_per_s") or measure_loop(cfg, cache, sizes)["bare_img_per_s"]
+            model = results.get("loop", {}).get("bare_img_per_s") or bare_speed(cfg, sizes)
             results[item] = measure_data(cfg, cache, sizes, model)
         elif item == "sweep":
             from artefact.bench.sweeps import sweep_overhead
