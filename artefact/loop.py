@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +31,7 @@ from artefact.checkpoint import CHECKPOINT_FILE, copy_atomic, load_checkpoint, s
 from artefact.config import Config
 from artefact.data.dataset import TrainDataset, ValDataset
 from artefact.errors import UserError
+from artefact.faults import Fault, planned_fault
 from artefact.figures import Evaluation, Prediction, evaluation_figures
 from artefact.hardware import amp_dtype, configure_kernels, peak_memory_mb, reset_peak_memory, select_device
 from artefact.losses import multitask_loss
@@ -58,8 +60,17 @@ class Reporter(Protocol):
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, evaluation: Evaluation | None) -> None: ...
 
 
-class TrainingDiverged(RuntimeError):
+class TrialFailure(RuntimeError):
+    """A failure that a restart from the last checkpoint would repeat: the trial is failed
+    at once instead of being retried (see ``trial_worker``)."""
+
+
+class TrainingDiverged(TrialFailure):
     """The loss became NaN or infinite; the trial stops at once instead of wasting epochs."""
+
+
+class TrialOutOfMemory(TrialFailure):
+    """A step ran out of GPU memory with this trial's batch size, resolution and model."""
 
 
 @dataclass
@@ -116,39 +127,42 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
         start_epoch, best = _restore(resume_from, model, optimizer, scheduler, scaler)
 
     normalise = _Normaliser(device, cfg.train.channels_last)
+    fault = planned_fault(cfg)
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, cfg.train.epochs):
         if isinstance(train_loader.sampler, DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
         reset_peak_memory(device)
         started = time.perf_counter()
-        train_metrics = _train_epoch(
-            net,
-            train_loader,
-            steps_per_epoch,
-            optimizer,
-            scheduler,
-            scaler,
-            normalise,
-            weights,
-            dtype,
-            cfg.train.grad_clip,
-            ranks,
-            epoch,
-        )
-        train_seconds = time.perf_counter() - started
-        val_metrics, confusion, predictions = _validate(
-            model,
-            val_loader,
-            val_set.materials,
-            val_ids if ranks.rank == 0 else [],
-            normalise,
-            weights,
-            dtype,
-            cfg.data.resolution,
-            cfg.train.batch_size,
-            ranks,
-        )
+        with _out_of_memory_is_a_trial_failure(cfg, epoch):
+            train_metrics = _train_epoch(
+                net,
+                train_loader,
+                steps_per_epoch,
+                optimizer,
+                scheduler,
+                scaler,
+                normalise,
+                weights,
+                dtype,
+                cfg.train.grad_clip,
+                ranks,
+                epoch,
+                fault if fault is not None and fault.epoch == epoch + 1 else None,
+            )
+            train_seconds = time.perf_counter() - started
+            val_metrics, confusion, predictions = _validate(
+                model,
+                val_loader,
+                val_set.materials,
+                val_ids if ranks.rank == 0 else [],
+                normalise,
+                weights,
+                dtype,
+                cfg.data.resolution,
+                cfg.train.batch_size,
+                ranks,
+            )
         images = train_metrics.pop("images")
         metrics = {
             "epoch": epoch + 1,
@@ -179,6 +193,21 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
         with _CheckpointFolder(state) as checkpoint_dir:
             reporter.report(metrics, checkpoint_dir, evaluation)
     return metrics
+
+
+@contextmanager
+def _out_of_memory_is_a_trial_failure(cfg: Config, epoch: int) -> Iterator[None]:
+    """CUDA's out-of-memory error, as a trial failure that names the configuration to change."""
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
+        raise TrialOutOfMemory(
+            f"out of GPU memory at epoch {epoch + 1} with model.encoder={cfg.model.encoder},"
+            f" model.arch={cfg.model.arch}, train.batch_size={cfg.train.batch_size},"
+            f" data.resolution={cfg.data.resolution}, train.amp={cfg.train.amp}; lower the batch size or the"
+            f" resolution ({first_line})"
+        ) from None
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "best")
@@ -259,7 +288,19 @@ class _Normaliser:
 
 
 def _train_epoch(
-    net, loader, steps, optimizer, scheduler, scaler, normalise, weights, dtype, grad_clip, ranks: Ranks, epoch: int
+    net,
+    loader,
+    steps,
+    optimizer,
+    scheduler,
+    scaler,
+    normalise,
+    weights,
+    dtype,
+    grad_clip,
+    ranks: Ranks,
+    epoch: int,
+    fault: Fault | None = None,
 ) -> dict[str, float]:
     net.train()
     device = normalise.device
@@ -272,6 +313,8 @@ def _train_epoch(
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             outputs = net(inputs)
         loss, per_head = multitask_loss(outputs, targets, weights)
+        if fault is not None and step == 0:
+            loss = fault.apply(loss)
         nonfinite |= ~torch.isfinite(loss.detach())
         if ((step + 1) % DIVERGENCE_CHECK_STEPS == 0 or step + 1 == steps) and nonfinite.item():
             raise TrainingDiverged(f"the training loss became NaN or infinite at epoch {epoch + 1}, by step {step + 1}")

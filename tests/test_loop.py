@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ from artefact.config import Config
 from artefact.data.dataset import TrainDataset, ValDataset
 from artefact.data.prepare import PrepareParams, prepare, read_index
 from artefact.errors import UserError
-from artefact.loop import LocalReporter, predict_tiled, train
+from artefact.faults import FAULT_ENV, planned_fault
+from artefact.loop import LocalReporter, TrainingDiverged, TrialOutOfMemory, predict_tiled, train
 from artefact.models import build_model
 from artefact.taxonomy import FINE_NAMES, IGNORE_INDEX
 
@@ -250,3 +252,27 @@ def test_a_fresh_run_forgets_an_earlier_runs_best(tmp_path: Path) -> None:
     assert LocalReporter(tmp_path, **QUIET, resume=True).best == 0.99
     assert LocalReporter(tmp_path, **QUIET).best == -math.inf
     assert not (tmp_path / "best").exists()
+
+
+@pytest.mark.parametrize(
+    ("plan", "failure", "message"),
+    [
+        ("nan@2", TrainingDiverged, "the training loss became NaN or infinite at epoch 2"),
+        ("oom@2:encoder=tu-test_convnext,batch_size=8", TrialOutOfMemory, "train.batch_size=8, data.resolution=64"),
+    ],
+)
+def test_an_injected_fault_stops_the_run_in_its_epoch(
+    synthetic_cache: Path, tmp_path: Path, monkeypatch, plan, failure, message
+) -> None:
+    monkeypatch.setenv(FAULT_ENV, f"oom@1:encoder=tu-test_resnet; {plan}")  # the first plan matches nothing
+    reporter = LocalReporter(tmp_path, **QUIET)
+    with pytest.raises(failure, match=re.escape(message)):
+        train(small_config(data={"crops_per_image": 2}, train={"epochs": 4}), synthetic_cache, reporter)
+    assert [int(m["epoch"]) for m in reporter.history] == [1]  # stopped in epoch 2, not after epoch 4
+
+
+@pytest.mark.parametrize("plan", ["nan", "nan@0", "nan@two", "explode@1", "oom@1:colour=red", "oom@1:encoder"])
+def test_a_malformed_fault_plan_is_refused_before_training(monkeypatch, plan: str) -> None:
+    monkeypatch.setenv(FAULT_ENV, plan)
+    with pytest.raises(UserError, match=rf"{FAULT_ENV}=.*expected <kind>@<epoch>"):
+        planned_fault(small_config())
