@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import shutil
@@ -15,20 +16,51 @@ import torch
 from artefact.errors import UserError
 
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINTS_KEPT = 2
+"""Checkpoints Ray keeps per trial (the best by the sweep's metric, and the latest)."""
+STATE_COPIES = 3
+"""A checkpoint holds the weights and AdamW's two moments, all float32."""
+
+
+class _ErrorKeepingStream(io.RawIOBase):
+    """A file that remembers the OSError of a failed write: torch.save turns a full disk
+    into "RuntimeError: enforce fail at inline_container.cc", which names no cause."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
 
 
 def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A crash or a full disk leaves the previous file intact, never a half-written one.
+    A crash or a full disk leaves the previous file intact, never a half-written one; a
+    full disk raises the OSError (ENOSPC) naming ``path``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
+        with os.fdopen(handle, "wb") as file:
+            stream = _ErrorKeepingStream(file)
+            try:
+                write(stream)
+                file.flush()
+                os.fsync(file.fileno())
+            except Exception as error:
+                cause = stream.error or (error if isinstance(error, OSError) else None)
+                if cause is None:
+                    raise
+                raise OSError(cause.errno, cause.strerror, str(path)) from None
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -50,3 +82,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError, LookupError) as error:
         raise UserError(f"checkpoint {path} is unreadable or corrupt ({type(error).__name__}: {error}).") from None
+
+
+def sweep_checkpoint_bytes(parameters: int, trials: int) -> int:
+    """Disk a sweep's checkpoints can take at once: each trial's kept ones plus the one being written."""
+    return parameters * 4 * STATE_COPIES * (CHECKPOINTS_KEPT + 1) * trials

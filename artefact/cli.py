@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import subprocess
 import sys
@@ -16,6 +17,10 @@ DEFAULT_STORE = Path(__file__).resolve().parents[1] / "mlflow" / "mlflow.db"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 UI_HOST, UI_PORT = "127.0.0.1", 5000
 """Where ``python -m artefact ui`` serves unless told otherwise."""
+
+
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM}
+"""A full disk or an unwritable folder met mid-run: the user's to fix, so no traceback."""
 
 
 def run_cli(main: Callable[[], int]) -> int:
@@ -32,6 +37,21 @@ def run_cli(main: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as error:
+        if error.errno not in OUTPUT_ERRNOS:
+            raise
+        print(
+            f"error: cannot write {error.filename or 'the output'} ({error.strerror}); free some space or fix the"
+            " folder's permissions, then run the same command again (a sweep with --resume).",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return int(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     ui = commands.add_parser("ui", help="serve the MLflow UI on the default store (127.0.0.1:5000)")
     ui.add_argument("--tracking-uri", default=f"sqlite:///{DEFAULT_STORE}", help="MLflow backend store URI")
     ui.add_argument("--host", default=UI_HOST, help="bind address; anything but loopback exposes your runs")
-    ui.add_argument("--port", type=int, default=UI_PORT)
+    ui.add_argument("--port", type=_port, default=UI_PORT)
     ui.add_argument(
         "--artifacts-destination",
         help="where runs logged through this server keep artifacts; default: beside a SQLite store",

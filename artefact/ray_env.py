@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from pathlib import Path
+
+from artefact.errors import UserError
 
 
 def sweep_token_file(results: Path, sweep: str) -> Path:
@@ -24,13 +27,33 @@ node address is 127.0.0.1 (FACTS.md); with it, every listener stays on loopback.
 
 def prepare_local_cluster(token_file: Path) -> Path:
     """Create the token file if needed and point this process (and Ray's children) at it."""
-    token_file.parent.mkdir(parents=True, exist_ok=True)
-    if not token_file.exists():
-        descriptor = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(secrets.token_hex(32))
-    token_file.chmod(0o600)
+    try:
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        if not token_file.exists():
+            _write_token(token_file)
+        token_file.chmod(0o600)
+    except OSError as error:
+        raise UserError(
+            f"cannot write the sweep's Ray token file {token_file} ({error.strerror}); free some space or fix"
+            " the permissions of --results, or pass another --results."
+        ) from None
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_file.resolve())
     os.environ.update(LOOPBACK_ENV)
     return token_file
+
+
+def _write_token(token_file: Path) -> None:
+    """A new token, whole or not at all: an empty token file left by a full disk would
+    otherwise be taken as the token by the next run."""
+    handle, temporary = tempfile.mkstemp(dir=token_file.parent, prefix=".token.")  # mode 600
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(secrets.token_hex(32))
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.link(temporary, token_file)  # fails if another process made one meanwhile; theirs is kept
+    except FileExistsError:
+        pass
+    finally:
+        Path(temporary).unlink(missing_ok=True)
