@@ -3,8 +3,8 @@
 ``ARTEFACT_INJECT_FAULT`` holds one or more plans separated by ``;``, each
 ``<kind>@<epoch>[:<key>=<value>,...]``:
 
-- ``nan``: the loss of the epoch's first step becomes NaN;
-- ``oom``: the epoch's first step raises ``torch.OutOfMemoryError``, as CUDA does.
+- ``nan``: the model's outputs, and so the loss, of the epoch's first step become NaN;
+- ``oom``: the epoch's first forward pass raises ``torch.OutOfMemoryError``, as CUDA does.
 
 A plan applies to every trial whose config matches all its ``key=value`` pairs (keys:
 ``encoder``, ``seed``, ``batch_size``). Unset, the default, nothing is injected. Ray's
@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from artefact.config import Config
 from artefact.errors import UserError
@@ -31,13 +32,28 @@ class Fault:
     kind: str
     epoch: int
 
-    def apply(self, loss: torch.Tensor) -> torch.Tensor:
-        """The loss of the faulty step: NaN, or CUDA's out-of-memory error instead."""
-        if self.kind == "oom":
+    def wrap(self, net: nn.Module) -> nn.Module:
+        """``net``, whose next forward pass goes wrong: NaN outputs, or CUDA's out-of-memory error."""
+        return _FaultyForward(net, self)
+
+
+class _FaultyForward(nn.Module):
+    def __init__(self, net: nn.Module, fault: Fault) -> None:
+        super().__init__()
+        self.net = net
+        self.fault = fault
+        self.fired = False
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs = self.net(images)
+        if self.fired:
+            return outputs
+        self.fired = True
+        if self.fault.kind == "oom":
             raise torch.OutOfMemoryError(
-                f"CUDA out of memory. Tried to allocate 20.00 GiB (injected by {FAULT_ENV} at epoch {self.epoch})"
+                f"CUDA out of memory. Tried to allocate 20.00 GiB (injected by {FAULT_ENV} at epoch {self.fault.epoch})"
             )
-        return loss * float("nan")
+        return {head: logits * float("nan") for head, logits in outputs.items()}
 
 
 def planned_fault(cfg: Config) -> Fault | None:

@@ -31,7 +31,7 @@ from artefact.checkpoint import CHECKPOINT_FILE, copy_atomic, load_checkpoint, s
 from artefact.config import Config
 from artefact.data.dataset import TrainDataset, ValDataset
 from artefact.errors import UserError
-from artefact.faults import Fault, planned_fault
+from artefact.faults import planned_fault
 from artefact.figures import Evaluation, Prediction, evaluation_figures
 from artefact.hardware import amp_dtype, configure_kernels, peak_memory_mb, reset_peak_memory, select_device
 from artefact.losses import multitask_loss
@@ -136,7 +136,7 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
         started = time.perf_counter()
         with _out_of_memory_is_a_trial_failure(cfg, epoch):
             train_metrics = _train_epoch(
-                net,
+                fault.wrap(net) if fault is not None and fault.epoch == epoch + 1 else net,
                 train_loader,
                 steps_per_epoch,
                 optimizer,
@@ -148,7 +148,6 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
                 cfg.train.grad_clip,
                 ranks,
                 epoch,
-                fault if fault is not None and fault.epoch == epoch + 1 else None,
             )
             train_seconds = time.perf_counter() - started
             val_metrics, confusion, predictions = _validate(
@@ -288,19 +287,7 @@ class _Normaliser:
 
 
 def _train_epoch(
-    net,
-    loader,
-    steps,
-    optimizer,
-    scheduler,
-    scaler,
-    normalise,
-    weights,
-    dtype,
-    grad_clip,
-    ranks: Ranks,
-    epoch: int,
-    fault: Fault | None = None,
+    net, loader, steps, optimizer, scheduler, scaler, normalise, weights, dtype, grad_clip, ranks: Ranks, epoch: int
 ) -> dict[str, float]:
     net.train()
     device = normalise.device
@@ -313,8 +300,6 @@ def _train_epoch(
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             outputs = net(inputs)
         loss, per_head = multitask_loss(outputs, targets, weights)
-        if fault is not None and step == 0:
-            loss = fault.apply(loss)
         nonfinite |= ~torch.isfinite(loss.detach())
         if ((step + 1) % DIVERGENCE_CHECK_STEPS == 0 or step + 1 == steps) and nonfinite.item():
             raise TrainingDiverged(f"the training loss became NaN or infinite at epoch {epoch + 1}, by step {step + 1}")
