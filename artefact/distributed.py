@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from artefact.checkpoint import CHECKPOINTS_KEPT
 from artefact.config import Config, ResourcesConfig, to_dict
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ def build_trainer(
             storage_path=str(storage),
             callbacks=callbacks or [],
             checkpoint_config=CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=cfg.sweep.metric, checkpoint_score_order="max"
+                num_to_keep=CHECKPOINTS_KEPT, checkpoint_score_attribute=cfg.sweep.metric, checkpoint_score_order="max"
             ),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),

@@ -80,10 +80,27 @@ def render_text(rows: list[dict[str, object]], mode: str) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(rows: list[dict[str, object]], mode: str) -> str:
+def describe_config(params: dict[str, object]) -> str:
+    """A trial's configuration, in the names of the settings a user would change."""
+    parts = []
+    for key in ("encoder", "batch_size", "lr", "seed"):
+        if key in params:
+            value = params[key]
+            parts.append(f"{key}={value:.2g}" if isinstance(value, float) else f"{key}={value}")
+    return ", ".join(parts)
+
+
+def failed_trials(summaries: list[TrialSummary]) -> list[str]:
+    """One line per failed trial: which configuration failed, and why (out of memory, NaN loss, ...)."""
+    return [f"{s.trial_id} ({describe_config(s.params)}): {s.reason}" for s in summaries if s.outcome == "failed"]
+
+
+def render_markdown(rows: list[dict[str, object]], mode: str, failures: list[str]) -> str:
     header, *body = format_table(rows, mode)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(line) + " |" for line in body]
+    if failures:
+        lines += ["", "Failed trials (not ranked):", "", *(f"- {line}" for line in failures)]
     return "\n".join(lines) + "\n"
 
 
@@ -102,7 +119,7 @@ def write_leaderboard(rows: list[dict[str, object]], summaries: list[TrialSummar
                 record[column], record[f"{column}_std"] = value if isinstance(value, tuple) else ("", "")
             writer.writerow(record)
     board_md = out / "leaderboard.md"
-    board_md.write_text(render_markdown(rows, mode), encoding="utf-8")
+    board_md.write_text(render_markdown(rows, mode, failed_trials(summaries)), encoding="utf-8")
     trials_csv = out / "trials.csv"
     with trials_csv.open("w", newline="", encoding="utf-8") as handle:
         param_keys = sorted({k for s in summaries for k in s.params})

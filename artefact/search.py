@@ -25,6 +25,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from artefact.checkpoint import CHECKPOINTS_KEPT
 from artefact.config import Config, from_dict, to_dict
 from artefact.distributed import build_trainer
 from artefact.errors import UserError
@@ -330,7 +331,9 @@ def run_sweep(
                 # One-worker trials are retried by Tune from their last checkpoint; DDP trials by Train.
                 failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures if in_process(cfg) else 0),
                 checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=2, checkpoint_score_attribute=cfg.sweep.metric, checkpoint_score_order="max"
+                    num_to_keep=CHECKPOINTS_KEPT,
+                    checkpoint_score_attribute=cfg.sweep.metric,
+                    checkpoint_score_order="max",
                 ),
             ),
         )
@@ -352,6 +355,8 @@ class TrialSummary:
     reason: str | None = None
     best: dict[str, float] = field(default_factory=dict)
     best_checkpoint: str | None = None
+    unlogged_epochs: list[int] = field(default_factory=list)
+    """Epochs the trial reported to Tune that its MLflow run lacks (the store was away)."""
 
 
 _TRIAL_ID = re.compile(r"_([0-9a-f]{5,}(?:_[0-9]{5})?)_")
@@ -366,7 +371,8 @@ def summarise(
     for result in results:
         trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
         rows = histories.get(trial_id, [])
-        ran = int(max((row.get("epoch", 0) for row in rows), default=0))
+        logged = {int(row["epoch"]) for row in rows if "epoch" in row}
+        ran = max(int((result.metrics or {}).get("epoch", 0)), *logged, 0)
         best = max(rows, key=lambda row: row.get(metric, -math.inf), default={})
         if result.error is not None:
             outcome, reason = "failed", _root_cause(result.error)
@@ -381,9 +387,9 @@ def summarise(
         params = {k: v for k, v in config.items() if not k.startswith("w_")}
         raw_weights = {k.removeprefix("w_"): v for k, v in config.items() if k.startswith("w_")}
         params.update({f"loss_weight_{h}": round(w, 4) for h, w in simplex_weights(raw_weights).items()})
-        summaries.append(
-            TrialSummary(trial_id, params, outcome, ran, reason, best_metrics, _best_checkpoint(result, metric))
-        )
+        checkpoint = _best_checkpoint(result, metric)
+        unlogged = sorted(set(range(1, ran + 1)) - logged)
+        summaries.append(TrialSummary(trial_id, params, outcome, ran, reason, best_metrics, checkpoint, unlogged))
     return sorted(summaries, key=lambda s: s.trial_id)
 
 
@@ -406,10 +412,14 @@ def _trial_id_from_path(path: str) -> str:
 
 
 def _root_cause(error: BaseException) -> str:
-    """The innermost message of a Tune/Train error chain, on one line."""
+    """The innermost message of a Tune/Train error chain, on one line: ``Type: message``."""
     cause: BaseException = error
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
+    while True:
+        # A RayTaskError carries the trial's own exception in ``cause``, not ``__cause__``.
+        inner = cause.__cause__ or getattr(cause, "cause", None)
+        if not isinstance(inner, BaseException) or inner is cause:
+            break
+        cause = inner
     lines = [line for line in str(cause).strip().splitlines() if line.strip()]
     message = lines[-1] if lines else type(cause).__name__
     return message if type(cause).__name__ in message else f"{type(cause).__name__}: {message}"

@@ -15,20 +15,23 @@ import shlex
 import shutil
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 
 import ray
 import torch
 
+from artefact.checkpoint import sweep_checkpoint_bytes
 from artefact.cli import UI_HOST, UI_PORT, allocation_resources
 from artefact.config import Config, SweepRequest, dump_yaml, flatten, read_yaml, to_dict
 from artefact.data.prepare import cache_params, ensure_cache, is_cache
 from artefact.errors import SweepInterrupted, UserError
+from artefact.faults import fault_plans
 from artefact.figures import optuna_figures
 from artefact.hardware import check_gpu_supported
 from artefact.memory import check_fits
-from artefact.models import resolve_encoder
-from artefact.report import leaderboard, render_text, write_leaderboard, write_plots
+from artefact.models import count_parameters, meta_model, resolve_encoder
+from artefact.report import failed_trials, leaderboard, render_text, write_leaderboard, write_plots
 from artefact.search import (
     can_resume,
     max_concurrent_trials,
@@ -39,6 +42,7 @@ from artefact.search import (
     trial_count,
 )
 from artefact.tracking import (
+    TRIAL_CLIENT_ENV,
     SweepRun,
     check_store,
     close_open_trials,
@@ -70,6 +74,7 @@ def check_config(cfg: Config) -> None:
     for encoder in cfg.sweep.encoders:
         resolve_encoder(encoder)
     check_fits(cfg)
+    fault_plans()
     if torch.cuda.is_available():
         check_gpu_supported(torch.device("cuda"))
     if cfg.data.path is not None and not Path(cfg.data.path).exists():
@@ -79,9 +84,35 @@ def check_config(cfg: Config) -> None:
         max_concurrent_trials(cfg, allocation)
 
 
+def check_results_folder(results: Path, cfg: Config) -> None:
+    """An unwritable or full results folder fails here, before any training, rather than at
+    the first checkpoint of every trial."""
+    try:
+        results.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=results):
+            pass
+    except OSError as error:
+        raise UserError(
+            f"--results {results}: cannot write there ({error.strerror});"
+            " fix its permissions or pass another --results."
+        ) from None
+    parameters = max(
+        count_parameters(meta_model(dataclasses.replace(cfg.model, encoder=e), cfg.data.resolution))
+        for e in cfg.sweep.encoders
+    )
+    need = sweep_checkpoint_bytes(parameters, trial_count(cfg))
+    free = shutil.disk_usage(results).free
+    if free < need:
+        raise UserError(
+            f"--results {results}: {free / 2**20:.1f} MB free, but the sweep's checkpoints need about"
+            f" {need / 2**20:.1f} MB; free some space or pass --results on another disk."
+        )
+
+
 def validate(request: SweepRequest) -> Path:
     """All user-input checks that need no cluster; returns the sweep folder."""
     check_config(request.cfg)
+    check_results_folder(request.results, request.cfg)
     sweep_dir = request.results / request.name
     if request.resume:
         if not can_resume(sweep_dir):
@@ -129,16 +160,16 @@ def _check_reachable(address: str) -> None:
 def _connect_ray(request: SweepRequest) -> str | None:
     """Join --address, or start a local cluster bound to 127.0.0.1 (environment from ray_env)."""
     quiet = {} if request.verbose else {"logging_level": logging.WARNING, "log_to_driver": False}
-
+    runtime_env = {"env_vars": {**RAY_ENV, **TRIAL_CLIENT_ENV}}
     if request.address:
-        ray.init(address=request.address, runtime_env={"env_vars": RAY_ENV}, **quiet)
+        ray.init(address=request.address, runtime_env=runtime_env, **quiet)
         return None
     os.environ.update(RAY_ENV)
     context = ray.init(
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": RAY_ENV},
+        runtime_env=runtime_env,
         **quiet,
     )
     node_address = context.address_info["node_ip_address"]
@@ -212,8 +243,10 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         log("\n" + render_text(rows, cfg.sweep.mode))
         counts = {o: sum(s.outcome == o for s in summaries) for o in ("completed", "stopped_early", "failed")}
         log(f"\ntrials: {counts}")
-        for failed in (s for s in summaries if s.outcome == "failed"):
-            log(f"  failed {failed.trial_id} ({failed.params.get('encoder')}): {failed.reason}")
+        for line in failed_trials(summaries):
+            log(f"  failed {line}")
+        for gap in (s for s in summaries if s.unlogged_epochs):
+            log(f"  MLflow lacks epochs {gap.unlogged_epochs} of trial {gap.trial_id}: its store was unreachable")
         log(f"results: {sweep_dir}/ ({', '.join(f.name for f in files)}, {PLOTS_FOLDER}/)")
         log(_mlflow_hint(request.tracking_uri, tracking))
         return rows

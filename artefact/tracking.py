@@ -9,11 +9,14 @@ to its own run instead of creating a duplicate.
 from __future__ import annotations
 
 import math
+import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -25,11 +28,20 @@ ROLE_TAG = "artefact.role"
 TRIAL_TAG = "artefact.trial_id"
 OUTCOME_TAG = "artefact.outcome"
 REASON_TAG = "artefact.failure_reason"
+RESUME_NOTE_TAG = "artefact.resume_note"
 BEST_CHECKPOINT_TAG = "artefact.best_checkpoint"
 EVALUATION_TAG = "artefact.evaluation"
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 FINAL_STATUS = {"completed": "FINISHED", "stopped_early": "FINISHED", "failed": "FAILED"}
+
+TRIAL_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+"""For trial processes: fail a request to an unreachable server in seconds (MLflow's own
+retries wait about 4 minutes), so ``TrialRun`` holds the epoch and training goes on."""
+STORE_PATIENCE_S = 300.0
+"""How long a trial waits, at its start and at its end, for an unreachable store to return."""
+STORE_RETRY_S = 5.0
+T = TypeVar("T")
 
 
 def check_store(uri: str) -> None:
@@ -159,20 +171,44 @@ def _get_or_create_trial_run(client: MlflowClient, sweep: SweepRun, trial_id: st
     return client.create_run(sweep.experiment_id, run_name=trial_id, tags=tags).info.run_id, True
 
 
+def _patiently(call: Callable[[], T], patience_s: float) -> T:
+    """``call()``, retried every ``STORE_RETRY_S`` for up to ``patience_s`` while it fails."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return call()
+        except Exception:  # MLflow raises its own, requests' and SQLAlchemy's errors
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(STORE_RETRY_S)
+
+
 class TrialRun:
     """A trial's child run, logged from rank 0 of the trial only.
 
     Epochs are logged at most once: a restarted trial re-runs the epochs after its last
-    checkpoint, and an epoch this run already holds is not logged again.
+    checkpoint, and an epoch this run already holds is not logged again. While the store
+    cannot be reached, epochs are held in order and sent once it answers again, so a
+    tracking outage never stops training (``flush``).
     """
 
     def __init__(self, sweep: SweepRun, trial_id: str, params: dict[str, object]) -> None:
         self.client = MlflowClient(sweep.uri)
-        self.run_id, created = _get_or_create_trial_run(self.client, sweep, trial_id)
+        self.run_id, created = _patiently(
+            lambda: _get_or_create_trial_run(self.client, sweep, trial_id), STORE_PATIENCE_S
+        )
         self.logged_epochs: set[int] = set()
+        self.held: list[tuple[str, list[Metric]]] = []
+        self.earlier_failure: str | None = None
+        """Why an earlier attempt of this trial failed in a way a restart would repeat."""
         if created:
-            self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+            _patiently(
+                lambda: self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()]),
+                STORE_PATIENCE_S,
+            )
         else:
+            run = _patiently(lambda: self.client.get_run(self.run_id), STORE_PATIENCE_S)
+            self.earlier_failure = run.data.tags.get(REASON_TAG)
             self.client.update_run(self.run_id, status="RUNNING")
             self.logged_epochs = {point.step for point in self.client.get_metric_history(self.run_id, "epoch")}
 
@@ -186,8 +222,24 @@ class TrialRun:
             for key, value in metrics.items()
             if isinstance(value, (int, float)) and math.isfinite(value)
         ]
-        self.client.log_batch(self.run_id, metrics=rows)
+        self.held.append((f"epoch {step}", rows))
         self.logged_epochs.add(step)
+        self.flush()
+
+    def flush(self, patience_s: float = 0.0) -> list[str]:
+        """Send the held epochs, oldest first, retrying for up to ``patience_s``; returns
+        those still unsent (and says so on stderr, which Ray keeps in the worker log)."""
+        try:
+            _patiently(self._send_held, patience_s)
+        except Exception as error:
+            unsent = [what for what, _ in self.held]
+            print(f"MLflow store unreachable ({type(error).__name__}); holding {', '.join(unsent)}", file=sys.stderr)
+        return [what for what, _ in self.held]
+
+    def _send_held(self) -> None:
+        while self.held:
+            self.client.log_batch(self.run_id, metrics=self.held[0][1])
+            self.held.pop(0)
 
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
@@ -200,6 +252,13 @@ class TrialRun:
         """
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
         self.client.set_tag(self.run_id, EVALUATION_TAG, artifact_path)
+
+    def record_failure(self, reason: str) -> None:
+        """Note a failure that a restart would repeat, so the restarted attempt stops at once."""
+        _patiently(lambda: self.client.set_tag(self.run_id, REASON_TAG, reason[:4000]), STORE_PATIENCE_S)
+
+    def note_resume(self, note: str) -> None:
+        self.client.set_tag(self.run_id, RESUME_NOTE_TAG, note[:4000])
 
 
 def trial_histories(sweep: SweepRun) -> dict[str, list[dict[str, float]]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -18,12 +19,13 @@ import torch
 import yaml
 from ray import tune
 
-from artefact.checkpoint import CHECKPOINT_FILE
+from artefact.checkpoint import CHECKPOINT_FILE, copy_atomic, load_checkpoint
 from artefact.config import Config, dump_yaml, from_dict
+from artefact.errors import UserError
 from artefact.figures import Evaluation, evaluation_figures
-from artefact.loop import train
+from artefact.loop import TrialFailure, train
 from artefact.models import TRAINING_FLOP_FACTOR
-from artefact.tracking import SweepRun, TrialRun
+from artefact.tracking import STORE_PATIENCE_S, SweepRun, TrialRun
 
 EVALUATION_FOLDER = "evaluation"
 
@@ -80,25 +82,30 @@ class RayReporter:
         self.described = False
         self.pending: Evaluation | None = None
         self.drawn_at = -math.inf
+        self.last_metrics: dict[str, float] = {}
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, evaluation: Evaluation | None) -> None:
+        self.last_metrics = metrics
         # MLflow goes first: Tune may stop the trial inside the report (ASHA, or its last
         # epoch), and nothing after it would run. A retried epoch is not logged twice
         # (``TrialRun.log_epoch``).
         if self.run is not None:
-            if not self.described:
-                self.run.log_text(dump_yaml(self.cfg), "config.yaml")
-                self.run.log_text(model_summary(self.cfg, metrics), "model_summary.yaml")
-                self.described = True
             self.pending = evaluation or self.pending
             last_epoch = int(metrics["epoch"]) >= self.cfg.train.epochs
+            if not self.described:
+                self.described = _tolerate_store_outage(self.describe)
             if last_epoch or time.monotonic() - self.drawn_at >= FIGURE_INTERVAL_S:
-                self.draw_figures()
+                _tolerate_store_outage(self.draw_figures)
             self.run.log_epoch(metrics, step=int(metrics["epoch"]))
         self.send(metrics, checkpoint_dir)
 
+    def describe(self) -> None:
+        """The resolved config and the model summary, logged once."""
+        self.run.log_text(dump_yaml(self.cfg), "config.yaml")
+        self.run.log_text(model_summary(self.cfg, self.last_metrics), "model_summary.yaml")
+
     def draw_figures(self) -> None:
-        """Log the best epoch's figures not yet logged, if any."""
+        """Log the best epoch's figures not yet logged, if any (kept for later if the store is away)."""
         if self.run is None or self.pending is None:
             return
         with tempfile.TemporaryDirectory(prefix="artefact-figures-") as folder:
@@ -106,6 +113,25 @@ class RayReporter:
             self.run.log_evaluation(Path(folder), f"{EVALUATION_FOLDER}/epoch_{self.pending.epoch:03d}")
         self.pending = None
         self.drawn_at = time.monotonic()
+
+    def close(self) -> None:
+        """At the trial's end, however it ends: the last figures, then every held epoch."""
+        if self.run is None:
+            return
+        _tolerate_store_outage(self.draw_figures)
+        unsent = self.run.flush(STORE_PATIENCE_S)
+        if unsent:
+            print(f"MLflow run {self.run.run_id} lacks {', '.join(unsent)}: the store never came back", file=sys.stderr)
+
+
+def _tolerate_store_outage(log: Callable[[], None]) -> bool:
+    """Run an optional logging step; False (try again later) when the store does not answer."""
+    try:
+        log()
+    except Exception as error:  # MLflow raises its own, requests' and SQLAlchemy's errors
+        print(f"MLflow logging postponed ({type(error).__name__}: {error})", file=sys.stderr)
+        return False
+    return True
 
 
 def model_summary(cfg: Config, metrics: dict[str, float]) -> str:
@@ -130,10 +156,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     run = None
     if ray.train.get_context().get_world_rank() == 0 and loop_config.get("sweep") is not None:
         run = TrialRun(loop_config["sweep"], loop_config["trial_id"], trial_params(cfg))
-    reporter = RayReporter(run, cfg, send_to_train)
-    with _restored(ray.train.get_checkpoint()) as resume_from:
-        train(cfg, Path(loop_config["cache"]), reporter, resume_from=resume_from)
-    reporter.draw_figures()
+    _train_and_report(cfg, Path(loop_config["cache"]), RayReporter(run, cfg, send_to_train), ray.train.get_checkpoint())
 
 
 def train_in_trial(cfg: Config, cache: Path, trial_id: str, sweep: SweepRun | None) -> None:
@@ -145,26 +168,70 @@ def train_in_trial(cfg: Config, cache: Path, trial_id: str, sweep: SweepRun | No
     Performance). Tune restarts a failed trial from its last checkpoint, as Train would.
     """
     run = TrialRun(sweep, trial_id, trial_params(cfg)) if sweep is not None else None
-    reporter = RayReporter(run, cfg, send_to_tune)
     try:
-        with _restored(tune.get_checkpoint()) as resume_from:
-            train(cfg, cache, reporter, resume_from=resume_from)
-    finally:  # also when Tune ends the trial inside a report (ASHA, or its last epoch)
-        reporter.draw_figures()
+        _train_and_report(cfg, cache, RayReporter(run, cfg, send_to_tune), tune.get_checkpoint())
+    finally:
         if torch.cuda.is_available():  # the next trial in this process gets the memory back
             torch.cuda.empty_cache()
 
 
+def _train_and_report(cfg: Config, cache: Path, reporter: RayReporter, checkpoint: ray.train.Checkpoint | None) -> None:
+    """Train from the last good checkpoint; a failure that a restart would repeat (NaN loss,
+    out of memory) is recorded, and a restarted attempt of that trial fails at once."""
+    run = reporter.run
+    if run is not None and run.earlier_failure:
+        _raise_recorded(run.earlier_failure)
+    try:
+        with _restored(checkpoint, run) as resume_from:
+            train(cfg, cache, reporter, resume_from=resume_from)
+    except TrialFailure as failure:
+        if run is not None:
+            run.record_failure(f"{type(failure).__name__}: {failure}")
+        raise
+    finally:  # also when Tune ends the trial inside a report (ASHA, or its last epoch)
+        reporter.close()
+
+
+def _raise_recorded(reason: str) -> None:
+    name, _, message = reason.partition(": ")
+    kinds = {kind.__name__: kind for kind in TrialFailure.__subclasses__()}
+    raise kinds.get(name, TrialFailure)(message)
+
+
 @contextmanager
-def _restored(checkpoint: ray.train.Checkpoint | None) -> Iterator[Path | None]:
-    """A local copy of a Ray checkpoint's file, or None for a fresh start."""
+def _restored(checkpoint: ray.train.Checkpoint | None, run: TrialRun | None) -> Iterator[Path | None]:
+    """A local copy of the newest readable checkpoint file of a Ray checkpoint's trial, or
+    None for a fresh start. A corrupt one is named (on stderr and in the MLflow run) and
+    the previous one is used instead."""
     if checkpoint is None:
         yield None
         return
     folder = Path(tempfile.mkdtemp(prefix="artefact-resume-"))
     try:
-        with checkpoint.as_directory() as source:
-            shutil.copy(Path(source) / CHECKPOINT_FILE, folder / CHECKPOINT_FILE)
+        with checkpoint.as_directory() as latest:
+            problems = []
+            for candidate in _newest_first(Path(latest), Path(checkpoint.path)):
+                try:
+                    load_checkpoint(candidate)
+                except UserError as error:
+                    problems.append(str(error))
+                    continue
+                copy_atomic(candidate, folder / CHECKPOINT_FILE)
+                break
+            else:
+                raise UserError(f"no readable checkpoint to resume this trial from: {' '.join(problems)}")
+        if problems:
+            note = f"{' '.join(problems)} Resumed from the previous checkpoint, {candidate}."
+            print(note, file=sys.stderr)
+            if run is not None:
+                _tolerate_store_outage(lambda: run.note_resume(note))
         yield folder / CHECKPOINT_FILE
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _newest_first(latest: Path, stored: Path) -> list[Path]:
+    """The latest checkpoint's file, then those of the older checkpoints kept beside it
+    (Tune and Train name them ``checkpoint_<counter or time>``, which sorts by age)."""
+    older = sorted((p for p in stored.parent.glob("checkpoint_*") if p.name < stored.name), reverse=True)
+    return [latest / CHECKPOINT_FILE, *(p / CHECKPOINT_FILE for p in older)]

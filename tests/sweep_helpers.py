@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -24,7 +25,18 @@ TRIAL_ACTOR = "ImplicitFunc"
 """The class of a Tune function trial's actor, where a one-worker trial trains."""
 
 
-def bench_command(results: Path, workspace: Path, store: Path, *args: str) -> list[str]:
+def import_main_job():
+    """``sweeps/encoder_bench.py`` as a module, to call its ``main`` in process (fast, and
+    capsys sees its output)."""
+    spec = importlib.util.spec_from_file_location("encoder_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_command(results: Path, workspace: Path, store: Path | str, *args: str) -> list[str]:
+    """The main job's command line; ``store`` is a SQLite file or a server's URL."""
+    uri = store if isinstance(store, str) else f"sqlite:///{store}"
     return [
         sys.executable,
         str(BENCH),
@@ -33,9 +45,29 @@ def bench_command(results: Path, workspace: Path, store: Path, *args: str) -> li
         "--workspace",
         str(workspace),
         "--tracking-uri",
-        f"sqlite:///{store}",
+        uri,
         *args,
     ]
+
+
+def start_mlflow_server(store: Path, port: int, timeout: float = 120) -> subprocess.Popen:
+    """``python -m artefact ui`` (an MLflow server) on ``store``, once it answers on loopback."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "artefact", "ui", "--tracking-uri", f"sqlite:///{store}", "--port", str(port)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        assert server.poll() is None, "the MLflow server exited at start"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return server
+        except OSError:
+            assert time.monotonic() < deadline, f"the MLflow server did not answer within {timeout:.0f} s"
+            time.sleep(1)
 
 
 def run_bench(results: Path, workspace: Path, store: Path, *args: str, timeout: int = 600):

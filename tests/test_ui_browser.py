@@ -10,16 +10,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 from builders import free_port
-from sweep_helpers import REPO, sweep_runs
+from sweep_helpers import REPO, start_mlflow_server, sweep_runs
 
 from artefact.figures import CONFUSION_SIZE, DPI
 from artefact.loop import PREDICTION_IMAGES
@@ -51,25 +48,9 @@ def sweep(default_sweep):
 @pytest.fixture(scope="module")
 def mlflow_ui(sweep):
     """``python -m artefact ui`` on the sweep's store, on a free loopback port."""
-    store = sweep[0]
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "artefact", "ui", "--tracking-uri", f"sqlite:///{store}", "--port", str(port)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    server = start_mlflow_server(sweep[0], port)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert server.poll() is None, "the MLflow UI exited at start"
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2):
-                break
-        except OSError:
-            assert time.monotonic() < deadline, "the MLflow UI did not answer within 120 s"
-            time.sleep(1)
     yield base
     os.killpg(server.pid, signal.SIGTERM)
     server.wait(timeout=30)

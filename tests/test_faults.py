@@ -1,0 +1,265 @@
+"""Faults a long sweep meets, survived with real processes, a real Ray cluster and real
+MLflow stores: every requested trial accounted for, every reported epoch kept exactly once.
+
+Each scenario's numbers (trials, epochs, lost rows) are read back from the MLflow store.
+The driver SIGKILL + --resume scenario is ``test_sweep.py::test_resume_after_sigkill...``;
+a SLURM requeue is ``test_slurm.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from builders import free_port
+from mlflow.tracking import MlflowClient
+from sweep_helpers import REPO, bench_command, kill_process_tree, start_mlflow_server, sweep_runs
+
+from artefact.faults import FAULT_ENV
+from artefact.tracking import REASON_TAG, RESUME_NOTE_TAG
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+EPOCHS = 4
+
+
+def _epoch_steps(client: MlflowClient, run_id: str, key: str = "epoch") -> list[int]:
+    return sorted(point.step for point in client.get_metric_history(run_id, key))
+
+
+def lost_and_doubled(client: MlflowClient, child, reported: list[dict]) -> tuple[int, int]:
+    """(metric rows a trial reported to Tune that its MLflow run lacks, rows the run holds
+    twice), counted by reading the run back. A restarted trial reports some epochs twice;
+    the run must hold each (epoch, metric) once."""
+    held: dict[str, list[int]] = {key: _epoch_steps(client, child.info.run_id, key) for key in child.data.metrics}
+    wanted = {(key, int(row["epoch"])) for row in reported for key in row if key == "epoch" or "/" in key}
+    lost = sum(epoch not in held.get(key, []) for key, epoch in wanted)
+    doubled = sum(len(steps) - len(set(steps)) for steps in held.values())
+    return lost, doubled
+
+
+def _trial_dir(sweep_dir: Path, encoder: str, seed: int | str) -> Path | None:
+    found = [p for p in (sweep_dir / "tune").glob("_run_trial_*") if f"encoder={encoder},seed={seed}" in p.name]
+    return found[0] if found else None
+
+
+def _reported_by(sweep_dir: Path, child) -> list[dict]:
+    """What the child run's trial reported to Tune, every attempt included."""
+    return _reported(_trial_dir(sweep_dir, child.data.params["encoder"], child.data.params["seed"]))
+
+
+def _reported(trial_dir: Path) -> list[dict]:
+    result = trial_dir / "result.json"
+    if not result.is_file():
+        return []
+    return [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+
+
+def test_killed_trial_corrupt_checkpoint_nan_and_oom_in_one_sweep(tmp_path: Path, synthetic_workspace: Path) -> None:
+    """A fair sweep of two encoders x two seeds: one trial's process is SIGKILLed mid-epoch
+    after its latest checkpoint was corrupted; one's loss turns NaN; one runs out of memory
+    the way CUDA says it; the fourth is untouched. The sweep ends with all four accounted
+    for, and the leaderboard ranks the encoder that completed by its mean and std."""
+    store, results = tmp_path / "mlflow.db", tmp_path / "results"
+    environment = {
+        **os.environ,
+        FAULT_ENV: "nan@2:encoder=tu-test_resnet,seed=0; oom@2:encoder=tu-test_resnet,seed=1",
+    }
+    command = bench_command(
+        results,
+        synthetic_workspace,
+        store,
+        "--name",
+        "faults",
+        "--mode",
+        "fair",
+        "--encoders",
+        "tu-test_convnext,tu-test_resnet",
+        "--seeds",
+        "2",
+        "--epochs",
+        str(EPOCHS),
+        "--set",
+        "data.crops_per_image=2",
+        "--set",
+        "train.max_failures=1",  # one restart for the killed trial
+    )
+    process = subprocess.Popen(
+        command, cwd=REPO, env=environment, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        # Wait for the convnext seed-0 trial's second checkpoint, then corrupt it and kill
+        # the trial's process while it trains epoch 3.
+        deadline = time.monotonic() + 400
+        victim = None
+        while victim is None:
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the trial never reached its second checkpoint"
+            time.sleep(0.5)
+            trial_dir = _trial_dir(results / "faults", "tu-test_convnext", 0)
+            if trial_dir is None or not (trial_dir / "checkpoint_000001" / "checkpoint.pt").is_file():
+                continue
+            reports = _reported(trial_dir)
+            if len(reports) == 2 and not (trial_dir / "checkpoint_000002").exists():
+                victim = reports[-1]["pid"]
+        corrupt = trial_dir / "checkpoint_000001" / "checkpoint.pt"
+        corrupt.write_bytes(b"\x00 half-written by a dying node \x00")
+        time.sleep(1.0)
+        assert len(_reported(trial_dir)) == 2, "epoch 3 ended before the kill; the kill would not be mid-epoch"
+        os.kill(victim, signal.SIGKILL)
+        stdout, stderr = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            kill_process_tree(process)
+    stdout, stderr = stdout.decode(), stderr.decode()
+    assert process.returncode == 0, stderr[-3000:]
+
+    client = MlflowClient(f"sqlite:///{store}")
+    parent, children = sweep_runs(store, "faults")
+    assert parent.info.status == "FINISHED"
+    assert len(children) == 4 and len({c.data.tags["artefact.trial_id"] for c in children}) == 4
+    by_config = {(c.data.params["encoder"], c.data.params["seed"]): c for c in children}
+
+    killed = by_config[("tu-test_convnext", "0")]
+    assert killed.info.status == "FINISHED" and killed.data.tags["artefact.outcome"] == "completed"
+    note = killed.data.tags[RESUME_NOTE_TAG]
+    assert str(corrupt) in note and "checkpoint_000000" in note, note
+    untouched = by_config[("tu-test_convnext", "1")]
+    assert untouched.data.tags["artefact.outcome"] == "completed"
+    for trial in (killed, untouched):
+        assert _epoch_steps(client, trial.info.run_id) == list(range(1, EPOCHS + 1))
+        assert lost_and_doubled(client, trial, _reported_by(results / "faults", trial)) == (0, 0)
+
+    diverged = by_config[("tu-test_resnet", "0")]
+    assert diverged.info.status == "FAILED" and diverged.data.tags["artefact.outcome"] == "failed"
+    assert "NaN or infinite at epoch 2" in diverged.data.tags[REASON_TAG]
+    assert _epoch_steps(client, diverged.info.run_id) == [1]  # stopped at once, not after epoch 4
+
+    out_of_memory = by_config[("tu-test_resnet", "1")]
+    assert out_of_memory.info.status == "FAILED"
+    reason = out_of_memory.data.tags[REASON_TAG]
+    assert "out of GPU memory at epoch 2" in reason and "train.batch_size=8" in reason, reason
+    assert _epoch_steps(client, out_of_memory.info.run_id) == [1]
+
+    # A failure a restart would repeat is not trained again: the restart fails at once with
+    # the reason its first attempt recorded, and the epoch 1 that attempt logged is kept.
+    for trial in (diverged, out_of_memory):
+        errors = (_trial_dir(results / "faults", "tu-test_resnet", trial.data.params["seed"]) / "error.txt").read_text()
+        first, restart = errors.split("Failure # 2")
+        assert "_raise_recorded" not in first and "_raise_recorded" in restart
+        assert lost_and_doubled(client, trial, _reported_by(results / "faults", trial)) == (0, 0)
+
+    board = (results / "faults" / "leaderboard.md").read_text()
+    ranked, _, failures = board.partition("Failed trials")
+    assert "tu-test_convnext" in ranked and "tu-test_resnet" not in ranked
+    assert "(encoder=tu-test_resnet, seed=1): TrialOutOfMemory: out of GPU memory" in failures, failures
+    assert "train.batch_size=8, data.resolution=64" in failures
+    assert "(encoder=tu-test_resnet, seed=0): TrainingDiverged: the training loss became NaN" in failures
+    assert "failed" in stdout and "out of GPU memory" in stdout
+
+    # Fair mode: the two completed seeds give a mean and a std; no Optuna plots.
+    assert "±" in ranked
+    rows = list(csv.DictReader((results / "faults" / "leaderboard.csv").open()))
+    assert [(r["encoder"], r["trials"]) for r in rows] == [("tu-test_convnext", "2")]
+    assert all(r["miou_fine_std"] != "" for r in rows)
+    plots = sorted(p.name for p in (results / "faults" / "plots").iterdir())
+    assert plots == ["iou_per_class.png", "speed_quality.png", "validation_curves.png"]
+
+
+OUTAGE_S = 15
+
+
+def _logged_epochs(uri: str, sweep: str) -> int:
+    """Epochs logged so far by the sweep's trials (0 while the sweep has none)."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(sweep)
+    if experiment is None:
+        return 0
+    runs = client.search_runs([experiment.experiment_id], "tags.`artefact.role` = 'trial'")
+    return min((len(client.get_metric_history(r.info.run_id, "epoch")) for r in runs), default=0)
+
+
+def test_two_sweeps_into_one_server_keep_every_epoch_through_its_outage(
+    tmp_path: Path, synthetic_workspace: Path, synthetic_cache: Path
+) -> None:
+    """Two sweeps at once log into one MLflow server, which is killed mid-sweep and started
+    again 15 s later. Training goes on; the epochs held meanwhile reach the server once it
+    is back; neither sweep joins or corrupts the other."""
+    store, port = tmp_path / "mlflow.db", free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(store, port)
+    encoders = {"north": "tu-test_convnext", "south": "tu-test_resnet"}
+    sweeps = {
+        name: subprocess.Popen(
+            bench_command(
+                tmp_path / name,
+                synthetic_workspace,
+                uri,
+                "--name",
+                name,
+                "--mode",
+                "fair",
+                "--encoders",
+                encoder,
+                "--seeds",
+                "1",
+                "--epochs",
+                str(EPOCHS + 1),
+                "--set",
+                "data.crops_per_image=2",
+            ),
+            cwd=REPO,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for name, encoder in encoders.items()
+    }
+    try:
+        deadline = time.monotonic() + 400
+        while min(_logged_epochs(uri, name) for name in sweeps) < 1:
+            assert all(p.poll() is None for p in sweeps.values()), "a sweep ended before the outage"
+            assert time.monotonic() < deadline, "the sweeps logged no epoch in time"
+            time.sleep(1)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+        outage = (time.time(), time.time() + OUTAGE_S)
+        time.sleep(OUTAGE_S)
+        assert all(p.poll() is None for p in sweeps.values()), "a sweep stopped during the outage"
+        server = start_mlflow_server(store, port)
+        outputs = {name: process.communicate(timeout=600) for name, process in sweeps.items()}
+    finally:
+        for process in sweeps.values():
+            if process.poll() is None:
+                kill_process_tree(process)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+
+    for name, process in sweeps.items():
+        assert process.returncode == 0, outputs[name][1].decode()[-3000:]
+    client = MlflowClient(f"sqlite:///{store}")
+    held_during_outage = 0
+    for name, encoder in encoders.items():
+        parent, children = sweep_runs(store, name)
+        assert parent.info.status == "FINISHED"
+        assert len(children) == 1, [c.info.run_name for c in children]
+        (child,) = children
+        assert child.data.params["encoder"] == encoder and child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["artefact.outcome"] == "completed"
+        reported = _reported_by(tmp_path / name / name, child)
+        assert [row["epoch"] for row in reported] == list(range(1, EPOCHS + 2))
+        assert lost_and_doubled(client, child, reported) == (0, 0)
+        stamps = [point.timestamp / 1000 for point in client.get_metric_history(child.info.run_id, "epoch")]
+        held_during_outage += sum(outage[0] <= stamp <= outage[1] for stamp in stamps)
+        assert "MLflow lacks" not in outputs[name][0].decode()
+    assert held_during_outage >= 2, "no epoch ended while the server was away: the outage proved nothing"
+    assert {e.name for e in client.search_experiments()} >= set(encoders)
+    with sqlite3.connect(store) as database:
+        assert database.execute("PRAGMA integrity_check").fetchone() == ("ok",)
