@@ -301,6 +301,8 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = deep_merge(merged[key], value)
+        elif isinstance(value, dict) and merged.get(key) is not None:
+            continue  # a section that is not a mapping (``train: 3``): kept, so from_dict names it
         else:
             merged[key] = value
     return merged
@@ -383,7 +385,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise UserError(f"{path}: not valid safe YAML ({error}). Python object tags are not allowed.") from None
+        reason = " ".join(str(error).split())  # one line: YAML's own message spans several
+        raise UserError(f"{path}: not valid safe YAML ({reason}). Python object tags are not allowed.") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

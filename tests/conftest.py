@@ -22,6 +22,23 @@ from builders import small_config  # noqa: E402
 torch.set_num_threads(1)
 
 
+BAD_INPUTS_TRIED: list[str] = []
+"""The kind of each bad input a test saw refused (bad_input_tried), for the summary line."""
+
+
+@pytest.fixture
+def bad_input_tried():
+    """Call with the kind of bad input once the test has seen it refused properly."""
+    return BAD_INPUTS_TRIED.append
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if BAD_INPUTS_TRIED:
+        kinds = {kind: BAD_INPUTS_TRIED.count(kind) for kind in dict.fromkeys(BAD_INPUTS_TRIED)}
+        detail = ", ".join(f"{kind} {count}" for kind, count in kinds.items())
+        terminalreporter.write_line(f"bad inputs tried and refused: {len(BAD_INPUTS_TRIED)} ({detail})")
+
+
 @pytest.fixture(scope="session")
 def synthetic_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("workspace")

@@ -225,17 +225,18 @@ def _cli_flags(params: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_source_in_process(tmp_path: Path, name: str) -> None:
+def test_bad_source_in_process(tmp_path: Path, name: str, bad_input_tried) -> None:
     case = CASES[name]
     source = case.build(tmp_path)
     with pytest.raises(UserError, match=case.message):
         prepare(source, tmp_path / "cache", PrepareParams(**case.params), log=lambda *_: None)
     assert not (tmp_path / "cache").exists()
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+    bad_input_tried("data source (in process)")
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_source_through_the_cli(tmp_path: Path, name: str) -> None:
+def test_bad_source_through_the_cli(tmp_path: Path, name: str, bad_input_tried) -> None:
     case = CASES[name]
     source = case.build(tmp_path)
     out = tmp_path / "cache"
@@ -247,6 +248,7 @@ def test_bad_source_through_the_cli(tmp_path: Path, name: str) -> None:
     assert re.search(case.message, result.stderr), result.stderr
     assert not out.exists(), "no partial output"
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+    bad_input_tried("data source (CLI)")
 
 
 def test_the_valid_version_of_the_cases_prepares(tmp_path: Path) -> None:
@@ -267,9 +269,10 @@ def test_out_folder_that_is_not_a_cache(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "bad", ["../x", "a/b", "/abs", "a\x00b", "a\nb", "abc\n", "..", "a..b", "", ".hidden", "a b", 7, None]
 )
-def test_check_id_refuses_unsafe_names(bad) -> None:
+def test_check_id_refuses_unsafe_names(bad, bad_input_tried) -> None:
     with pytest.raises(UserError, match="not a safe file name"):
         check_id(bad, "here")
+    bad_input_tried("sample id")
 
 
 @pytest.mark.parametrize("good", ["synth_0007", "IMG-12.v2", "a", "x" * 200])

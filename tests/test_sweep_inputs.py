@@ -2,76 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
-from builders import free_port
-from mlflow.tracking import MlflowClient
+from sweep_helpers import import_main_job
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("encoder_bench", REPO / "sweeps" / "encoder_bench.py")
-encoder_bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(encoder_bench)
-
-
-CASES = {
-    "unknown profile": (["--profile", "v100"], "--profile 'v100' is unknown; profiles: cpu-smoke"),
-    "profile path missing": (["--profile", "nowhere/p.yaml"], "no such file"),
-    "unknown encoder": (["--encoders", "convnext_tinny"], "Close matches: convnext_tiny"),
-    "empty encoder list": (["--encoders", ","], "sweep.encoders"),
-    "zero trials": (["--trials", "0"], "sweep.trials = 0 is invalid"),
-    "negative epochs": (["--epochs", "-1"], "train.epochs = -1 is invalid"),
-    "unknown config key": (["--set", "train.epoch=3"], "unknown config key train.epoch. Did you mean epochs"),
-    "nan learning rate": (["--set", "train.lr=.nan"], "train.lr"),
-    "batch too big for the GPU": (
-        ["--profile", "laptop", "--set", "resources.gpu_memory_gb=2"],
-        "needs about",
-    ),
-    "upernet with batch size 1": (
-        ["--set", "model.arch=upernet", "--set", "sweep.batch_sizes=[1,8]"],
-        "sweep.batch_sizes",
-    ),
-    "resume without a sweep": (["--resume", "--name", "never-ran"], "--resume: no earlier sweep named 'never-ran'"),
-    "resume without a name": (["--resume"], "--resume needs --name"),
-    "unreachable address": (["--address", f"127.0.0.1:{free_port()}"], "no Ray head answers there"),
-    "unreachable tracking server": (
-        ["--tracking-uri", f"http://127.0.0.1:{free_port()}"],
-        "the MLflow server does not answer",
-    ),
-    "a metric that is minimised": (["--set", "sweep.metric=val/loss"], "a maximised validation metric"),
-    "a sweep name that is a path": (["--name", "../elsewhere"], "--name '../elsewhere'"),
-    "a tracking URI that is no store": (["--tracking-uri", "sqlite://nohost"], "cannot use this MLflow store"),
-    "data path missing": (["--data", "/nonexistent/artefact"], "--data /nonexistent/artefact: no such file"),
-}
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_fails_before_any_cluster(case: str, tmp_path: Path, capsys, monkeypatch) -> None:
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
-    flags, expected = CASES[case]
-    store = tmp_path / "mlflow.db"
-    argv = ["--results", str(tmp_path / "results"), "--workspace", str(tmp_path / "ws"), *flags]
-    if "--tracking-uri" not in flags:
-        argv += ["--tracking-uri", f"sqlite:///{store}"]
-    code = encoder_bench.main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert expected in err, err
-    assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
-    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
-    sweeps = [p for p in (tmp_path / "results").glob("*") if not p.name.startswith(".")]
-    assert sweeps == [], f"partial output left: {sweeps}"
-    assert not (tmp_path / "ws").exists() or not any((tmp_path / "ws").glob("cache-*"))
-    if store.exists():
-        assert (
-            MlflowClient(f"sqlite:///{store}").search_runs(
-                [e.experiment_id for e in MlflowClient(f"sqlite:///{store}").search_experiments()]
-            )
-            == []
-        )
+encoder_bench = import_main_job()
 
 
 def test_help_documents_every_flag(capsys) -> None:
