@@ -209,6 +209,21 @@ def test_bad_input_fails_the_job_with_a_clear_message(
     assert leftover_processes(f"/tmp/ray-{job}/") == []
 
 
+def test_config_values_never_reach_a_shell(slurm, tmp_path: Path, synthetic_workspace: Path) -> None:
+    """Values with command substitutions, backticks and ';' travel as data through sbatch,
+    sweep.sbatch and the sweep's own check: refused as bad values, never run."""
+    canary = tmp_path / "canary"
+    hostile = f"$(touch {canary})`touch {canary}`;touch {canary}"
+    log = tmp_path / "job.log"
+    results = tmp_path / f"results {hostile}"
+    job = sbatch(log, "--results", str(results), "--workspace", str(synthetic_workspace), "--encoders", hostile)
+    fields = wait_for_job(job, 240)
+    text = log.read_text()
+    assert fields["JobState"] == "FAILED", text[-3000:]
+    assert f"model.encoder = {hostile!r} is not a timm model" in text, text[-3000:]
+    assert not canary.exists()
+
+
 def test_a_worker_joins_the_head_with_the_token_on_its_own_ports(tmp_path: Path) -> None:
     """The multi-node path on one host: node 0 (head) and node 1 (worker) of one job."""
     token = tmp_path / "ray.token"

@@ -160,57 +160,19 @@ def test_ray_dashboard_answers_on_loopback_with_the_token_while_the_sweep_runs(d
     assert any(TRIAL_ACTOR in name for name in classes), classes
 
 
-def test_fair_mode_reports_mean_and_std_and_survives_a_failing_trial(tmp_path: Path, synthetic_workspace: Path) -> None:
-    """An encoder x 2 seeds, plus an encoder SMP cannot use: its trials fail, the rest go on."""
-    store = tmp_path / "mlflow.db"
-    done = run_bench(
-        tmp_path / "results",
-        synthetic_workspace,
-        store,
-        "--name",
-        "fair",
-        "--mode",
-        "fair",
-        "--encoders",
-        "tu-test_convnext,tu-test_vit",
-        "--seeds",
-        "2",
-        "--epochs",
-        "1",
-        "--set",
-        "data.crops_per_image=1",
-        "--set",
-        "train.max_failures=0",  # the failure is deterministic: retrying it only costs time
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    _, children = sweep_runs(store, "fair")
-    assert len(children) == 4
-    failed = [c for c in children if c.data.tags["artefact.outcome"] == "failed"]
-    assert len(failed) == 2
-    for child in failed:
-        assert child.info.status == "FAILED"
-        assert "downsampling" in child.data.tags["artefact.failure_reason"]
-    completed = [c for c in children if c.data.tags["artefact.outcome"] == "completed"]
-    assert sorted(c.data.params["encoder"] for c in completed) == ["tu-test_convnext"] * 2
-    assert {c.data.params["seed"] for c in completed} == {"0", "1"}
-
-    markdown = (tmp_path / "results" / "fair" / "leaderboard.md").read_text()
-    assert "±" in markdown and "tu-test_convnext" in markdown and "tu-test_vit" not in markdown
-    rows = list(csv.DictReader((tmp_path / "results" / "fair" / "leaderboard.csv").open()))
-    assert [r["trials"] for r in rows] == ["2"]
-    assert all(r["miou_fine_std"] != "" for r in rows)
-    assert "failed" in done.stdout and "tu-test_vit" in done.stdout
-    plots = sorted(p.name for p in (tmp_path / "results" / "fair" / "plots").iterdir())
-    assert plots == ["iou_per_class.png", "speed_quality.png", "validation_curves.png"]  # no Optuna in fair mode
-
-
-def _finished_trials(store: Path, sweep: str) -> int:
+def _finished_trials(store: Path, sweep: str) -> dict[str, float]:
+    """Trial runs with both epochs logged: run id -> the time of their last metric (s)."""
     client = MlflowClient(f"sqlite:///{store}")
     experiment = client.get_experiment_by_name(sweep)
     if experiment is None:
-        return 0
+        return {}
     runs = client.search_runs([experiment.experiment_id], "tags.`artefact.role` = 'trial'")
-    return sum(len(client.get_metric_history(r.info.run_id, "val/miou_fine")) >= 2 for r in runs)
+    finished = {}
+    for run in runs:
+        history = client.get_metric_history(run.info.run_id, "val/miou_fine")
+        if len(history) >= 2:
+            finished[run.info.run_id] = max(point.timestamp for point in history) / 1000
+    return finished
 
 
 def test_resume_after_sigkill_finishes_exactly_the_requested_trials(tmp_path: Path, synthetic_workspace: Path) -> None:
@@ -235,11 +197,13 @@ def test_resume_after_sigkill_finishes_exactly_the_requested_trials(tmp_path: Pa
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 400
-    while _finished_trials(store, "killed") < 1:
+    while not _finished_trials(store, "killed"):
         assert process.poll() is None, "the sweep ended before it could be killed"
         assert time.monotonic() < deadline, "no trial finished in time"
         time.sleep(2)
     kill_process_tree(process)
+    killed_at = time.time()
+    finished_before = _finished_trials(store, "killed")
 
     resumed = run_bench(results, synthetic_workspace, store, *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -252,12 +216,47 @@ def test_resume_after_sigkill_finishes_exactly_the_requested_trials(tmp_path: Pa
     trials_csv = list(csv.DictReader((results / "killed" / "trials.csv").open()))
     assert len(trials_csv) == 3
 
-    # The Optuna study in the sweep folder kept every trial's history.
+    # Trials finished before the kill were not re-run: their metrics are all older than the kill.
+    assert _finished_trials(store, "killed").items() >= finished_before.items()
+    client = MlflowClient(f"sqlite:///{store}")
+    for run_id in finished_before:
+        stamps = [p.timestamp / 1000 for key in ("epoch", "val/loss") for p in client.get_metric_history(run_id, key)]
+        assert max(stamps) < killed_at
+    # The Optuna study in the sweep folder holds exactly the 3 trials, those from before the kill included.
     import optuna
 
     study = optuna.load_study(study_name="killed", storage=f"sqlite:///{results / 'killed' / 'optuna.db'}")
-    assert len(study.trials) >= 3
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3, [t.state for t in study.trials]
+    by_id = {c.info.run_id: c for c in children}
+    for run_id in finished_before:
+        lr = float(by_id[run_id].data.params["lr"])
+        assert any(abs(t.params["lr"] - lr) < 1e-9 for t in complete), (lr, [t.params for t in complete])
 
     other_space = run_bench(results, synthetic_workspace, store, *args, "--resume", "--encoders", "tu-test_resnet")
     assert other_space.returncode == 2
     assert "--resume" in other_space.stderr and "Traceback" not in other_space.stderr
+
+
+def test_the_ray_token_never_reaches_mlflow_the_results_or_the_output(default_sweep, tmp_path: Path) -> None:
+    """The sweep's token is read from its own file by Ray alone: no param, tag, artifact,
+    results file or line of output holds it."""
+    done, results, store = default_sweep
+    token_file = results / ".ray-tokens" / "default.token"
+    token = token_file.read_text().strip()
+    assert len(token) == 64 and token_file.stat().st_mode & 0o777 == 0o600
+    client = MlflowClient(f"sqlite:///{store}")
+    parent, children = sweep_runs(store, "default")
+    artifacts = 0
+    for run in (parent, *children):
+        assert not any(token in value for value in (*run.data.params.values(), *run.data.tags.values()))
+        for path in _artifact_files(client, run.info.run_id):
+            assert (
+                token.encode() not in Path(client.download_artifacts(run.info.run_id, path, str(tmp_path))).read_bytes()
+            )
+            artifacts += 1
+    assert artifacts > 20
+    assert token not in done.stdout + done.stderr
+    files = [f for f in (*results.rglob("*"), *store.parent.rglob("*")) if f.is_file() and f != token_file]
+    assert len(files) > 50 and store in files
+    assert [f for f in files if token.encode() in f.read_bytes()] == []
