@@ -32,7 +32,27 @@ def bad_input_tried():
     return BAD_INPUTS_TRIED.append
 
 
+FAULTS_SURVIVED: dict[str, int] = {}
+"""Each fault scenario a test saw survived, with the MLflow metric rows it read back (none lost)."""
+
+
+@pytest.fixture
+def fault_survived():
+    """Call with the scenario and the metric rows read back from MLflow, once all checks passed."""
+
+    def record(scenario: str, rows_read_back: int = 0) -> None:
+        FAULTS_SURVIVED[scenario] = FAULTS_SURVIVED.get(scenario, 0) + rows_read_back
+
+    return record
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
+    if FAULTS_SURVIVED:
+        rows = sum(FAULTS_SURVIVED.values())
+        terminalreporter.write_line(
+            f"fault scenarios survived: {len(FAULTS_SURVIVED)} ({'; '.join(FAULTS_SURVIVED)});"
+            f" metric rows read back from MLflow: {rows}, none lost or doubled"
+        )
     if BAD_INPUTS_TRIED:
         kinds = {kind: BAD_INPUTS_TRIED.count(kind) for kind in dict.fromkeys(BAD_INPUTS_TRIED)}
         detail = ", ".join(f"{kind} {count}" for kind, count in kinds.items())

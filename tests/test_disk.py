@@ -61,7 +61,7 @@ def _state(size: int) -> dict:
     return {"model": {"w": torch.zeros(size)}, "epoch": 1}
 
 
-def test_a_checkpoint_that_no_longer_fits_keeps_the_previous_one_whole(small_disk: Path) -> None:
+def test_a_checkpoint_that_no_longer_fits_keeps_the_previous_one_whole(small_disk: Path, fault_survived) -> None:
     path = save_checkpoint(_state(10), small_disk / "checkpoint.pt")
     before = path.read_bytes()
     with pytest.raises(OSError) as raised:
@@ -69,6 +69,7 @@ def test_a_checkpoint_that_no_longer_fits_keeps_the_previous_one_whole(small_dis
     assert raised.value.errno == errno.ENOSPC
     assert path.read_bytes() == before and load_checkpoint(path)["epoch"] == 1
     assert sorted(p.name for p in small_disk.iterdir()) == ["checkpoint.pt"]  # no temporary file left
+    fault_survived("disk full while a checkpoint is written")
 
 
 def _sweep(tmp_path: Path, results: Path, capsys) -> tuple[int, str]:
@@ -91,7 +92,9 @@ def test_a_sweep_on_a_disk_too_small_for_its_checkpoints_stops_before_training(
     assert not (tmp_path / "ws").exists()  # no data prepared either
 
 
-def test_a_sweep_on_a_full_disk_names_the_first_file_it_could_not_write(tmp_path: Path, small_disk: Path, capsys):
+def test_a_sweep_on_a_full_disk_names_the_first_file_it_could_not_write(
+    tmp_path: Path, small_disk: Path, capsys, fault_survived
+) -> None:
     _fill(small_disk)
     code, err = _sweep(tmp_path, small_disk / "results", capsys)
     assert code == 2, err
@@ -99,14 +102,18 @@ def test_a_sweep_on_a_full_disk_names_the_first_file_it_could_not_write(tmp_path
     assert f"cannot write the sweep's Ray token file {token} (No space left on device)" in err
     assert not token.exists()  # not an empty token that a later run would trust
     assert [p.name for p in token.parent.iterdir()] == []
+    fault_survived("results disk full at start")
 
 
-def test_a_sweep_into_a_read_only_folder_stops_before_training(tmp_path: Path, read_only_disk: Path, capsys) -> None:
+def test_a_sweep_into_a_read_only_folder_stops_before_training(
+    tmp_path: Path, read_only_disk: Path, capsys, fault_survived
+) -> None:
     code, err = _sweep(tmp_path, read_only_disk / "results", capsys)
     assert code == 2
     token = read_only_disk / "results" / ".ray-tokens" / "out-of-room.token"
     assert f"cannot write the sweep's Ray token file {token} (Read-only file system)" in err
     assert "Traceback" not in err
+    fault_survived("results folder read-only")
 
 
 def test_a_disk_that_fills_mid_run_is_one_clear_line(small_disk: Path, capsys) -> None:

@@ -34,15 +34,15 @@ def _epoch_steps(client: MlflowClient, run_id: str, key: str = "epoch") -> list[
     return sorted(point.step for point in client.get_metric_history(run_id, key))
 
 
-def lost_and_doubled(client: MlflowClient, child, reported: list[dict]) -> tuple[int, int]:
-    """(metric rows a trial reported to Tune that its MLflow run lacks, rows the run holds
+def read_back(client: MlflowClient, child, reported: list[dict]) -> tuple[int, int, int]:
+    """(metric rows a trial reported to Tune, those its MLflow run lacks, rows the run holds
     twice), counted by reading the run back. A restarted trial reports some epochs twice;
     the run must hold each (epoch, metric) once."""
     held: dict[str, list[int]] = {key: _epoch_steps(client, child.info.run_id, key) for key in child.data.metrics}
     wanted = {(key, int(row["epoch"])) for row in reported for key in row if key == "epoch" or "/" in key}
     lost = sum(epoch not in held.get(key, []) for key, epoch in wanted)
     doubled = sum(len(steps) - len(set(steps)) for steps in held.values())
-    return lost, doubled
+    return len(wanted), lost, doubled
 
 
 def _trial_dir(sweep_dir: Path, encoder: str, seed: int | str) -> Path | None:
@@ -62,7 +62,9 @@ def _reported(trial_dir: Path) -> list[dict]:
     return [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
 
 
-def test_killed_trial_corrupt_checkpoint_nan_and_oom_in_one_sweep(tmp_path: Path, synthetic_workspace: Path) -> None:
+def test_killed_trial_corrupt_checkpoint_nan_and_oom_in_one_sweep(
+    tmp_path: Path, synthetic_workspace: Path, fault_survived
+) -> None:
     """A fair sweep of two encoders x two seeds: one trial's process is SIGKILLed mid-epoch
     after its latest checkpoint was corrupted; one's loss turns NaN; one runs out of memory
     the way CUDA says it; the fourth is untouched. The sweep ends with all four accounted
@@ -133,9 +135,12 @@ def test_killed_trial_corrupt_checkpoint_nan_and_oom_in_one_sweep(tmp_path: Path
     assert str(corrupt) in note and "checkpoint_000000" in note, note
     untouched = by_config[("tu-test_convnext", "1")]
     assert untouched.data.tags["artefact.outcome"] == "completed"
+    rows = 0
     for trial in (killed, untouched):
         assert _epoch_steps(client, trial.info.run_id) == list(range(1, EPOCHS + 1))
-        assert lost_and_doubled(client, trial, _reported_by(results / "faults", trial)) == (0, 0)
+        checked, lost, doubled = read_back(client, trial, _reported_by(results / "faults", trial))
+        assert (lost, doubled) == (0, 0)
+        rows += checked
 
     diverged = by_config[("tu-test_resnet", "0")]
     assert diverged.info.status == "FAILED" and diverged.data.tags["artefact.outcome"] == "failed"
@@ -154,7 +159,9 @@ def test_killed_trial_corrupt_checkpoint_nan_and_oom_in_one_sweep(tmp_path: Path
         errors = (_trial_dir(results / "faults", "tu-test_resnet", trial.data.params["seed"]) / "error.txt").read_text()
         first, restart = errors.split("Failure # 2")
         assert "_raise_recorded" not in first and "_raise_recorded" in restart
-        assert lost_and_doubled(client, trial, _reported_by(results / "faults", trial)) == (0, 0)
+        checked, lost, doubled = read_back(client, trial, _reported_by(results / "faults", trial))
+        assert (lost, doubled) == (0, 0)
+        rows += checked
 
     board = (results / "faults" / "leaderboard.md").read_text()
     ranked, _, failures = board.partition("Failed trials")
@@ -171,6 +178,8 @@ def test_killed_trial_corrupt_checkpoint_nan_and_oom_in_one_sweep(tmp_path: Path
     assert all(r["miou_fine_std"] != "" for r in rows)
     plots = sorted(p.name for p in (results / "faults" / "plots").iterdir())
     assert plots == ["iou_per_class.png", "speed_quality.png", "validation_curves.png"]
+    for scenario in ("trial process SIGKILLed mid-epoch", "corrupt checkpoint on restart", "NaN loss", "out of memory"):
+        fault_survived(scenario, rows)
 
 
 OUTAGE_S = 15
@@ -187,7 +196,7 @@ def _logged_epochs(uri: str, sweep: str) -> int:
 
 
 def test_two_sweeps_into_one_server_keep_every_epoch_through_its_outage(
-    tmp_path: Path, synthetic_workspace: Path, synthetic_cache: Path
+    tmp_path: Path, synthetic_workspace: Path, synthetic_cache: Path, fault_survived
 ) -> None:
     """Two sweeps at once log into one MLflow server, which is killed mid-sweep and started
     again 15 s later. Training goes on; the epochs held meanwhile reach the server once it
@@ -245,7 +254,7 @@ def test_two_sweeps_into_one_server_keep_every_epoch_through_its_outage(
     for name, process in sweeps.items():
         assert process.returncode == 0, outputs[name][1].decode()[-3000:]
     client = MlflowClient(f"sqlite:///{store}")
-    held_during_outage = 0
+    held_during_outage = rows = 0
     for name, encoder in encoders.items():
         parent, children = sweep_runs(store, name)
         assert parent.info.status == "FINISHED"
@@ -255,7 +264,9 @@ def test_two_sweeps_into_one_server_keep_every_epoch_through_its_outage(
         assert child.data.tags["artefact.outcome"] == "completed"
         reported = _reported_by(tmp_path / name / name, child)
         assert [row["epoch"] for row in reported] == list(range(1, EPOCHS + 2))
-        assert lost_and_doubled(client, child, reported) == (0, 0)
+        checked, lost, doubled = read_back(client, child, reported)
+        assert (lost, doubled) == (0, 0)
+        rows += checked
         stamps = [point.timestamp / 1000 for point in client.get_metric_history(child.info.run_id, "epoch")]
         held_during_outage += sum(outage[0] <= stamp <= outage[1] for stamp in stamps)
         assert "MLflow lacks" not in outputs[name][0].decode()
@@ -263,3 +274,5 @@ def test_two_sweeps_into_one_server_keep_every_epoch_through_its_outage(
     assert {e.name for e in client.search_experiments()} >= set(encoders)
     with sqlite3.connect(store) as database:
         assert database.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    fault_survived("MLflow server down mid-sweep", rows)
+    fault_survived("two sweeps at once into one MLflow store")  # the same rows

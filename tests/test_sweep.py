@@ -175,7 +175,9 @@ def _finished_trials(store: Path, sweep: str) -> dict[str, float]:
     return finished
 
 
-def test_resume_after_sigkill_finishes_exactly_the_requested_trials(tmp_path: Path, synthetic_workspace: Path) -> None:
+def test_resume_after_sigkill_finishes_exactly_the_requested_trials(
+    tmp_path: Path, synthetic_workspace: Path, fault_survived
+) -> None:
     store, results = tmp_path / "mlflow.db", tmp_path / "results"
     args = (
         "--name",
@@ -233,6 +235,7 @@ def test_resume_after_sigkill_finishes_exactly_the_requested_trials(tmp_path: Pa
         lr = float(by_id[run_id].data.params["lr"])
         assert any(abs(t.params["lr"] - lr) < 1e-9 for t in complete), (lr, [t.params for t in complete])
 
+    fault_survived("sweep driver SIGKILLed, then --resume")
     other_space = run_bench(results, synthetic_workspace, store, *args, "--resume", "--encoders", "tu-test_resnet")
     assert other_space.returncode == 2
     assert "--resume" in other_space.stderr and "Traceback" not in other_space.stderr
