@@ -207,10 +207,13 @@ class TrialRun:
                 STORE_PATIENCE_S,
             )
         else:
-            run = _patiently(lambda: self.client.get_run(self.run_id), STORE_PATIENCE_S)
-            self.earlier_failure = run.data.tags.get(REASON_TAG)
-            self.client.update_run(self.run_id, status="RUNNING")
-            self.logged_epochs = {point.step for point in self.client.get_metric_history(self.run_id, "epoch")}
+            self.earlier_failure, self.logged_epochs = _patiently(self._reattach, STORE_PATIENCE_S)
+
+    def _reattach(self) -> tuple[str | None, set[int]]:
+        """A restarted trial's run, running again: (its recorded failure, the epochs it holds)."""
+        run = self.client.get_run(self.run_id)
+        self.client.update_run(self.run_id, status="RUNNING")
+        return run.data.tags.get(REASON_TAG), {p.step for p in self.client.get_metric_history(self.run_id, "epoch")}
 
     def log_epoch(self, metrics: dict[str, float], step: int) -> None:
         """One batch per epoch (``epoch`` included), so an epoch is in the store whole or not at all."""

@@ -17,6 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from builders import free_port
 from mlflow.tracking import MlflowClient
@@ -173,13 +174,14 @@ def test_killed_trial_corrupt_checkpoint_nan_and_oom_in_one_sweep(
 
     # Fair mode: the two completed seeds give a mean and a std; no Optuna plots.
     assert "±" in ranked
-    rows = list(csv.DictReader((results / "faults" / "leaderboard.csv").open()))
-    assert [(r["encoder"], r["trials"]) for r in rows] == [("tu-test_convnext", "2")]
-    assert all(r["miou_fine_std"] != "" for r in rows)
+    board_rows = list(csv.DictReader((results / "faults" / "leaderboard.csv").open()))
+    assert [(r["encoder"], r["trials"]) for r in board_rows] == [("tu-test_convnext", "2")]
+    assert all(r["miou_fine_std"] != "" for r in board_rows)
     plots = sorted(p.name for p in (results / "faults" / "plots").iterdir())
     assert plots == ["iou_per_class.png", "speed_quality.png", "validation_curves.png"]
-    for scenario in ("trial process SIGKILLed mid-epoch", "corrupt checkpoint on restart", "NaN loss", "out of memory"):
-        fault_survived(scenario, rows)
+    fault_survived("trial process SIGKILLed mid-epoch", rows)
+    for scenario in ("corrupt checkpoint on restart", "NaN loss", "out of memory"):
+        fault_survived(scenario)  # the same sweep's rows
 
 
 OUTAGE_S = 15
@@ -276,3 +278,62 @@ def test_two_sweeps_into_one_server_keep_every_epoch_through_its_outage(
         assert database.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     fault_survived("MLflow server down mid-sweep", rows)
     fault_survived("two sweeps at once into one MLflow store")  # the same rows
+
+
+def _train_workers() -> set[int]:
+    """PIDs of the Ray Train worker processes running now."""
+    found = set()
+    for process in psutil.process_iter(["cmdline"]):
+        if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
+            found.add(process.pid)
+    return found
+
+
+def test_a_killed_ray_train_worker_restarts_its_ddp_trial_from_its_checkpoint(
+    tmp_path: Path, synthetic_workspace: Path, fault_survived
+) -> None:
+    """A DDP trial (two Ray Train workers, gloo on the CPU): one worker's process is
+    SIGKILLed in epoch 2. Ray Train starts the workers again from the epoch-1 checkpoint,
+    and the trial finishes in its one MLflow run, each epoch logged once."""
+    store, results = tmp_path / "mlflow.db", tmp_path / "results"
+    command = bench_command(
+        results,
+        synthetic_workspace,
+        store,
+        *("--name", "ddp", "--mode", "fair", "--encoders", "tu-test_convnext", "--seeds", "1", "--epochs", "3"),
+        *("--set", "resources.workers_per_trial=2", "--set", "resources.cpus_per_worker=0.95"),
+        *("--set", "train.batch_size=4", "--set", "data.crops_per_image=2"),
+    )
+    process = subprocess.Popen(
+        command, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 400
+        while _logged_epochs(f"sqlite:///{store}", "ddp") < 1 or len(_train_workers()) < 2:
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the DDP trial logged no epoch in time"
+            time.sleep(0.5)
+        before = _train_workers()
+        os.kill(max(before), signal.SIGKILL)
+        assert _logged_epochs(f"sqlite:///{store}", "ddp") == 1, "epoch 2 ended before the kill"
+        restarted: set[int] = set()
+        while process.poll() is None and time.monotonic() < deadline + 300:
+            restarted |= _train_workers() - before
+            time.sleep(0.5)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            kill_process_tree(process)
+    assert process.returncode == 0, stderr.decode()[-3000:]
+    assert len(restarted) >= 2, "Ray Train did not start new workers"
+
+    client = MlflowClient(f"sqlite:///{store}")
+    _, children = sweep_runs(store, "ddp")
+    assert len(children) == 1
+    (child,) = children
+    assert child.data.tags["artefact.outcome"] == "completed" and child.info.status == "FINISHED"
+    assert child.data.params["workers"] == "2"
+    assert _epoch_steps(client, child.info.run_id) == [1, 2, 3]
+    checked, lost, doubled = read_back(client, child, _reported_by(results / "ddp", child))
+    assert (lost, doubled) == (0, 0)
+    fault_survived("Ray Train worker SIGKILLed mid-epoch (DDP trial)", checked)
