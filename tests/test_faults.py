@@ -334,6 +334,8 @@ def test_a_killed_ray_train_worker_restarts_its_ddp_trial_from_its_checkpoint(
     assert child.data.tags["artefact.outcome"] == "completed" and child.info.status == "FINISHED"
     assert child.data.params["workers"] == "2"
     assert _epoch_steps(client, child.info.run_id) == [1, 2, 3]
-    checked, lost, doubled = read_back(client, child, _reported_by(results / "ddp", child))
+    reported = _reported_by(results / "ddp", child)
+    assert [row["epoch"] for row in reported] == [1, 2, 3]  # resumed after epoch 1, not from scratch
+    checked, lost, doubled = read_back(client, child, reported)
     assert (lost, doubled) == (0, 0)
     fault_survived("Ray Train worker SIGKILLed mid-epoch (DDP trial)", checked)
