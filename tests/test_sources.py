@@ -14,7 +14,7 @@ from builders import Row, random_rows, write_folder, write_parquet_by_hand
 from PIL import Image
 
 from artefact.data.folder import FolderWriter, read_folder
-from artefact.data.parquet import ParquetWriter, read_parquet, shard_paths
+from artefact.data.parquet import ParquetWriter, _encoded_images, read_parquet, shard_paths
 from artefact.data.prepare import read_source
 from artefact.errors import UserError
 
@@ -123,6 +123,19 @@ def test_parquet_written_by_hand_is_read(tmp_path: Path) -> None:
     # A single shard file works as a source too.
     single = tmp_path / "hf" / "data" / "train-00001-of-00002.parquet"
     assert [s.id for s in read_parquet(single)] == [r.id for r in rows[4:]]
+
+
+def test_encoded_images_are_views_of_the_column_not_copies() -> None:
+    """A 200 MP image's encoded bytes can be hundreds of MB: each copy would add to prepare's peak."""
+    cells = [{"bytes": b"first", "path": "a.png"}, None, {"bytes": b"", "path": None}, {"bytes": None, "path": None}]
+    cells.append({"bytes": b"last image", "path": "e.png"})
+    # Two chunks, the second a slice with an offset, as Arrow hands out row groups.
+    column = pa.chunked_array([pa.array(cells[:2], IMAGE_STRUCT), pa.array([None, *cells[2:]], IMAGE_STRUCT).slice(1)])
+    views = list(_encoded_images(column))
+    assert [None if v is None else v.to_pybytes() for v in views] == [b"first", None, None, None, b"last image"]
+    for view, chunk in ((views[0], column.chunks[0]), (views[4], column.chunks[1])):
+        values = chunk.field("bytes").buffers()[2]
+        assert values.address <= view.address < values.address + values.size
 
 
 def test_read_source_dispatches_on_layout(tmp_path: Path) -> None:

@@ -7,12 +7,12 @@ shrink large ones while decoding, instead of holding a whole data set in memory.
 from __future__ import annotations
 
 import contextlib
-import io
 import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 
@@ -61,12 +61,11 @@ def _pixel_limit(max_pixels: int) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def open_image(source: Path | bytes, where: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_image(source: Path | BinaryIO, where: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open (not decode) an image, with a clear error for corrupt files and bombs."""
-    handle = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         with _pixel_limit(max_pixels):
-            image = Image.open(handle)
+            image = Image.open(source)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise UserError(
             f"{where}: the image declares more than {max_pixels:,} pixels ({error}). If it is"
