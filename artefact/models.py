@@ -7,6 +7,7 @@ one-head model is exactly POC-5.8's UNet and a three-head model is POC-5.5's UPe
 from __future__ import annotations
 
 import difflib
+import functools
 from pathlib import Path
 
 import segmentation_models_pytorch as smp
@@ -131,9 +132,18 @@ def count_parameters(model: nn.Module) -> int:
 
 def meta_model(cfg: ModelConfig, resolution: int) -> SegmentationModel:
     """The model on PyTorch's meta device: shapes only, no weights and no compute, so
-    costs can be counted in a second even for the large encoders."""
+    costs can be counted in a second even for the large encoders.
+
+    Built once per process and shared, so callers run it but never change it: the
+    pre-flight checks ask for each encoder twice (GPU memory, checkpoint space), and a
+    reused trial process asks for its model's FLOP at every trial."""
+    return _shared_meta_model(cfg.arch, cfg.encoder, tuple(cfg.heads), resolution)
+
+
+@functools.cache
+def _shared_meta_model(arch: str, encoder: str, heads: tuple[str, ...], resolution: int) -> SegmentationModel:
     with torch.device("meta"):
-        return build_model(ModelConfig(cfg.arch, cfg.encoder, cfg.heads, False), resolution)
+        return build_model(ModelConfig(arch, encoder, heads, False), resolution)
 
 
 TRAINING_FLOP_FACTOR = 3
@@ -145,7 +155,9 @@ look like 272 GFLOP per training image at 384 px instead of about 122."""
 
 def forward_gflop(cfg: ModelConfig, resolution: int) -> float:
     """Forward-pass GFLOP per image at ``resolution`` (a multiply-add counts as 2 FLOP)."""
-    model = meta_model(cfg, resolution).eval()
+    # Two images in training mode (the shared model stays as built: UPerNet's pooled
+    # BatchNorm refuses one image there); convolution and matmul FLOP scale with the batch.
+    model = meta_model(cfg, resolution)  # outside the counter: building it may run a probe forward
     with torch.device("meta"), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, resolution, resolution))
-    return counter.get_total_flops() / 1e9
+        model(torch.zeros(2, 3, resolution, resolution))
+    return counter.get_total_flops() / 2 / 1e9

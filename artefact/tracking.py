@@ -171,16 +171,30 @@ def _get_or_create_trial_run(client: MlflowClient, sweep: SweepRun, trial_id: st
     return client.create_run(sweep.experiment_id, run_name=trial_id, tags=tags).info.run_id, True
 
 
+# A store outage surfaces as MLflow's own, requests' or SQLAlchemy's errors, so the two
+# policies below catch Exception: wait for the store, or postpone an optional step.
+
+
 def _patiently(call: Callable[[], T], patience_s: float) -> T:
     """``call()``, retried every ``STORE_RETRY_S`` for up to ``patience_s`` while it fails."""
     deadline = time.monotonic() + patience_s
     while True:
         try:
             return call()
-        except Exception:  # MLflow raises its own, requests' and SQLAlchemy's errors
+        except Exception:
             if time.monotonic() >= deadline:
                 raise
             time.sleep(STORE_RETRY_S)
+
+
+def unless_store_is_away(log: Callable[[], None]) -> bool:
+    """Run an optional logging step; False (try again later) when the store does not answer."""
+    try:
+        log()
+    except Exception as error:
+        print(f"MLflow logging postponed ({type(error).__name__}: {error})", file=sys.stderr)
+        return False
+    return True
 
 
 class TrialRun:

@@ -4,7 +4,6 @@ MLflow child run."""
 
 from __future__ import annotations
 
-import math
 import shutil
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from artefact.errors import UserError
 from artefact.figures import Evaluation, evaluation_figures
 from artefact.loop import TrialFailure, train
 from artefact.models import TRAINING_FLOP_FACTOR
-from artefact.tracking import STORE_PATIENCE_S, SweepRun, TrialRun
+from artefact.tracking import STORE_PATIENCE_S, SweepRun, TrialRun, unless_store_is_away
 
 EVALUATION_FOLDER = "evaluation"
 
@@ -63,11 +62,13 @@ def send_to_tune(metrics: dict[str, float], checkpoint_dir: Path | None) -> None
 
 
 FIGURE_INTERVAL_S = 60.0
-"""Least time between two drawings of a trial's best-epoch figures. They are also drawn at
-the last epoch, and, best effort, when Tune stops the trial early.
+"""Least time between a trial's start or last drawing and its next drawing of the best
+epoch's figures. They are also drawn at the last epoch, and, best effort, when Tune stops
+the trial early.
 
 Drawing and uploading them takes 1-3 s of CPU; on short CPU epochs, drawing at every
-improving epoch cost a quarter of the training time (sweeps/perf_bench.py)."""
+improving epoch cost a quarter of the training time, and drawing at the first epoch of a
+one-minute trial cost 5% of it (sweeps/perf_bench.py)."""
 
 
 class RayReporter:
@@ -81,7 +82,7 @@ class RayReporter:
         self.send = send
         self.described = False
         self.pending: Evaluation | None = None
-        self.drawn_at = -math.inf
+        self.drawn_at = time.monotonic()
         self.last_metrics: dict[str, float] = {}
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, evaluation: Evaluation | None) -> None:
@@ -93,9 +94,9 @@ class RayReporter:
             self.pending = evaluation or self.pending
             last_epoch = int(metrics["epoch"]) >= self.cfg.train.epochs
             if not self.described:
-                self.described = _tolerate_store_outage(self.describe)
+                self.described = unless_store_is_away(self.describe)
             if last_epoch or time.monotonic() - self.drawn_at >= FIGURE_INTERVAL_S:
-                _tolerate_store_outage(self.draw_figures)
+                unless_store_is_away(self.draw_figures)
             self.run.log_epoch(metrics, step=int(metrics["epoch"]))
         self.send(metrics, checkpoint_dir)
 
@@ -118,20 +119,10 @@ class RayReporter:
         """At the trial's end, however it ends: the last figures, then every held epoch."""
         if self.run is None:
             return
-        _tolerate_store_outage(self.draw_figures)
+        unless_store_is_away(self.draw_figures)
         unsent = self.run.flush(STORE_PATIENCE_S)
         if unsent:
             print(f"MLflow run {self.run.run_id} lacks {', '.join(unsent)}: the store never came back", file=sys.stderr)
-
-
-def _tolerate_store_outage(log: Callable[[], None]) -> bool:
-    """Run an optional logging step; False (try again later) when the store does not answer."""
-    try:
-        log()
-    except Exception as error:  # MLflow raises its own, requests' and SQLAlchemy's errors
-        print(f"MLflow logging postponed ({type(error).__name__}: {error})", file=sys.stderr)
-        return False
-    return True
 
 
 def model_summary(cfg: Config, metrics: dict[str, float]) -> str:
@@ -224,7 +215,7 @@ def _restored(checkpoint: ray.train.Checkpoint | None, run: TrialRun | None) -> 
             note = f"{' '.join(problems)} Resumed from the previous checkpoint, {candidate}."
             print(note, file=sys.stderr)
             if run is not None:
-                _tolerate_store_outage(lambda: run.note_resume(note))
+                unless_store_is_away(lambda: run.note_resume(note))
         yield folder / CHECKPOINT_FILE
     finally:
         shutil.rmtree(folder, ignore_errors=True)
