@@ -101,6 +101,12 @@ def _annotation_as_binary(shard: Path) -> None:
     pq.write_table(table.set_column(table.schema.get_field_index("annotation"), "annotation", flat), shard)
 
 
+def _image_without_bytes_field(shard: Path) -> None:
+    table = pq.read_table(shard)
+    paths = pa.array([{"path": cell["path"]} for cell in table.column("image").to_pylist()])
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", paths), shard)
+
+
 def _empty_bytes(shard: Path) -> None:
     table = pq.read_table(shard)
     cells = table.column("image").to_pylist()
@@ -199,6 +205,9 @@ CASES: dict[str, Case] = {
     ),
     "parquet-annotation-not-a-struct": Case(
         _parquet(table_fn=_annotation_as_binary), r"column 'annotation' must be an Image struct"
+    ),
+    "parquet-image-struct-without-bytes": Case(
+        _parquet(table_fn=_image_without_bytes_field), r"column 'image' must be an Image struct \{bytes: binary"
     ),
     "parquet-truncated": Case(_parquet(table_fn=_truncate), r"not a readable parquet file"),
     "parquet-empty-image-cell": Case(

@@ -125,6 +125,21 @@ def test_parquet_written_by_hand_is_read(tmp_path: Path) -> None:
     assert [s.id for s in read_parquet(single)] == [r.id for r in rows[4:]]
 
 
+def test_parquet_with_large_binary_images_is_read(tmp_path: Path) -> None:
+    """Arrow's large_binary (64-bit offsets) holds the same encoded images."""
+    rows = random_rows(3)
+    shard = tmp_path / "pq" / "data" / "train-00000-of-00001.parquet"
+    write_parquet_by_hand(shard, rows, row_group_size=2)
+    table = pq.read_table(shard)
+    wide = pa.struct([("bytes", pa.large_binary()), ("path", pa.string())])
+    for column in ("image", "annotation"):
+        table = table.set_column(table.schema.get_field_index(column), column, table.column(column).cast(wide))
+    pq.write_table(table, shard, row_group_size=2)
+    samples = list(read_parquet(tmp_path / "pq"))
+    for sample, row in zip(samples, rows, strict=True):
+        _same(sample, row)
+
+
 def test_encoded_images_are_views_of_the_column_not_copies() -> None:
     """A 200 MP image's encoded bytes can be hundreds of MB: each copy would add to prepare's peak."""
     cells = [{"bytes": b"first", "path": "a.png"}, None, {"bytes": b"", "path": None}, {"bytes": None, "path": None}]

@@ -3,7 +3,7 @@
 Each image column is the ``datasets`` Image feature: a struct ``{bytes, path}``. Shards
 are read one row group and one image column at a time, the encoded images are kept as
 zero-copy Arrow buffers, and Arrow's scratch memory goes back to the OS before any image is
-decoded, so a 200 MP image costs its encoded bytes plus its decoded pixels, not five copies.
+decoded, so a 200 MP image costs its encoded bytes plus its decoded pixels while it decodes.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from artefact.errors import UserError
 
 HF_REPO = "danielaivanova/damaged-media"
 REQUIRED_COLUMNS = ("id", "image", "annotation", "material", "content")
+TEXT_COLUMNS = ("id", "material", "content")
+IMAGE_COLUMNS = ("image", "annotation")
 _IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 SCHEMA = pa.schema(
     [
@@ -63,9 +65,9 @@ def read_parquet(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[S
             raise UserError(
                 f"{shard}: missing column(s) {missing}; ARTeFACT shards have {', '.join(REQUIRED_COLUMNS)}."
             )
-        for column in ("image", "annotation"):
-            if not pa.types.is_struct(parquet.schema_arrow.field(column).type):
-                raise UserError(f"{shard}: column {column!r} must be an Image struct {{bytes, path}}.")
+        for column in IMAGE_COLUMNS:
+            if not _is_image_struct(parquet.schema_arrow.field(column).type):
+                raise UserError(f"{shard}: column {column!r} must be an Image struct {{bytes: binary, path: string}}.")
         try:
             for row_number, row in enumerate(_rows(parquet)):
                 yield _sample(row, f"{shard} row {row_number}", max_pixels)
@@ -73,12 +75,14 @@ def read_parquet(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[S
             raise UserError(f"{shard}: the file is truncated or corrupt ({error}); re-download the shard.") from None
 
 
-TEXT_COLUMNS = ("id", "material", "content")
-IMAGE_COLUMNS = ("image", "annotation")
+def _is_image_struct(kind: pa.DataType) -> bool:
+    if not pa.types.is_struct(kind) or kind.get_field_index("bytes") < 0:
+        return False
+    return pa.types.is_binary(kind.field("bytes").type) or pa.types.is_large_binary(kind.field("bytes").type)
 
 
 def _rows(parquet: pq.ParquetFile) -> Iterator[dict]:
-    """Rows with each image cell as an Arrow buffer (or None). Reading a 360 MB cell briefly
+    """Rows with each image cell as an Arrow buffer (or None). Reading a large cell briefly
     takes about four times its size inside Arrow (compressed page, decompressed page, array,
     and its final copy); reading one column at a time and releasing that memory before
     yielding keeps it from adding to the decoded image's."""
@@ -98,10 +102,13 @@ def _encoded_images(column: pa.ChunkedArray) -> Iterator[pa.Buffer | None]:
     scalar's as_buffer() would copy every encoded image."""
     for chunk in column.chunks:
         data = chunk.flatten()[chunk.type.get_field_index("bytes")]
+        if len(data) == 0:
+            continue
         _, offsets, values = data.buffers()
-        ends = np.frombuffer(offsets, np.int32, len(data) + 1, data.offset * 4) if offsets else None
+        width = np.int64 if pa.types.is_large_binary(data.type) else np.int32
+        ends = np.frombuffer(offsets, width, len(data) + 1, data.offset * np.dtype(width).itemsize)
         for index, missing in enumerate(data.is_null().to_pylist()):
-            if missing or ends is None or ends[index + 1] == ends[index]:
+            if missing or ends[index + 1] == ends[index]:
                 yield None
             else:
                 yield values.slice(int(ends[index]), int(ends[index + 1] - ends[index]))
