@@ -4,6 +4,7 @@ MLflow child run."""
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 import tempfile
@@ -62,13 +63,13 @@ def send_to_tune(metrics: dict[str, float], checkpoint_dir: Path | None) -> None
 
 
 FIGURE_INTERVAL_S = 60.0
-"""Least time between a trial's start or last drawing and its next drawing of the best
-epoch's figures. They are also drawn at the last epoch, and, best effort, when Tune stops
-the trial early.
+"""Least time between two drawings of a trial's best-epoch figures. They are also drawn at
+the first and the last epoch, and, best effort, when Tune stops the trial early.
 
 Drawing and uploading them takes 1-3 s of CPU; on short CPU epochs, drawing at every
-improving epoch cost a quarter of the training time, and drawing at the first epoch of a
-one-minute trial cost 5% of it (sweeps/perf_bench.py)."""
+improving epoch cost a quarter of the training time (sweeps/perf_bench.py). The first
+epoch's drawing stays: a trial that ASHA stops may end before its best-effort drawing runs,
+and without it would have no figures at all (a CI run caught that)."""
 
 
 class RayReporter:
@@ -82,7 +83,7 @@ class RayReporter:
         self.send = send
         self.described = False
         self.pending: Evaluation | None = None
-        self.drawn_at = time.monotonic()
+        self.drawn_at = -math.inf
         self.last_metrics: dict[str, float] = {}
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, evaluation: Evaluation | None) -> None:
@@ -113,7 +114,7 @@ class RayReporter:
             evaluation_figures(self.pending, Path(folder))
             self.run.log_evaluation(Path(folder), f"{EVALUATION_FOLDER}/epoch_{self.pending.epoch:03d}")
         self.pending = None
-        self.drawn_at = time.monotonic()
+        self.drawn_at = -math.inf
 
     def close(self) -> None:
         """At the trial's end, however it ends: the last figures, then every held epoch."""
