@@ -54,7 +54,7 @@ def shard_paths(root: Path) -> list[Path]:
 
 
 def read_parquet(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Sample]:
-    """Yield samples from every shard, one row in memory at a time."""
+    """Yield samples from every shard, one row group's encoded images in memory at a time."""
     for shard in shard_paths(root):
         try:
             parquet = pq.ParquetFile(shard)
@@ -78,7 +78,8 @@ def read_parquet(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[S
 def _is_image_struct(kind: pa.DataType) -> bool:
     if not pa.types.is_struct(kind) or kind.get_field_index("bytes") < 0:
         return False
-    return pa.types.is_binary(kind.field("bytes").type) or pa.types.is_large_binary(kind.field("bytes").type)
+    encoded = kind.field("bytes").type
+    return pa.types.is_binary(encoded) or pa.types.is_large_binary(encoded)
 
 
 def _rows(parquet: pq.ParquetFile) -> Iterator[dict]:
@@ -117,7 +118,7 @@ def _encoded_images(column: pa.ChunkedArray) -> Iterator[pa.Buffer | None]:
 def _sample(row: dict, where: str, max_pixels: int) -> Sample:
     sample_id = check_id(row["id"], where)
     images = {}
-    for column in ("image", "annotation"):
+    for column in IMAGE_COLUMNS:
         if row[column] is None:
             raise UserError(f"{where} (id {sample_id}): column {column!r} has no image bytes.")
         images[column] = open_image(pa.BufferReader(row[column]), f"{where} (id {sample_id}) {column}", max_pixels)
