@@ -3,7 +3,7 @@ and the hardware's peak. Prints a table per item and writes results/perf/<profil
 
 Items: loop (our loop in-process and under Ray Train vs a bare loop), data (the
 DataLoader vs the model's consumption), sweep (wall time vs training time), early_stopping
-(ASHA vs an exhaustive fair run), prepare (peak RSS on a 200-megapixel image), gpu (img/s,
+(ASHA vs the same search run to full length), prepare (peak RSS on a 200-megapixel image), gpu (img/s,
 memory and MFU of the real encoders at 384 px; only where a GPU is present).
 """
 
@@ -54,7 +54,6 @@ class Sizes:
     sweep_epochs: int = 6
     asha_trials: int = 8
     asha_epochs: int = 8
-    fair_seeds: int = 2
     huge_megapixels: float = 200.0
     ordinary_images: int = 50
     prepare_max_side: int = 1024
@@ -71,7 +70,6 @@ QUICK = Sizes(
     sweep_epochs=1,
     asha_trials=2,
     asha_epochs=2,
-    fair_seeds=1,
     huge_megapixels=2.0,
     ordinary_images=9,
     prepare_max_side=256,
@@ -91,7 +89,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a profile value"
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that every item runs")
+    parser.add_argument(
+        "--loop-steps",
+        type=int,
+        help="steps in the loop item's measured epoch (default 40; the laptop profile's epoch on ARTeFACT is ~80)",
+    )
     parser.add_argument("--sweep-epochs", type=int, help="epochs per sweep trial (default 6: ~60 s each on cpu-smoke)")
+    parser.add_argument("--asha-epochs", type=int, help="epochs per trial in the early_stopping item (default 8)")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "perf", help="JSON folder")
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one)")
     return parser.parse_args(argv)
@@ -135,21 +139,24 @@ def bare_speed(cfg, sizes: Sizes) -> float:
 def measure_loop(cfg, cache: Path, sizes: Sizes) -> dict[str, object]:
     """Bare, ours and ours on Ray, interleaved and repeated (``Sizes.loop_repeats``): this
     machine's speed drifts by 10-20% from minute to minute, so each ratio uses medians."""
-    from artefact.bench.throughput import loop_speed, ray_train_speed
+    from artefact.bench.throughput import RayTrainFailed, loop_speed, ray_train_speed
 
     dtype, options = _loop_settings(cfg)
     try:
         import ray  # noqa: F401
 
-        on_ray_too = True
+        ray_skipped = None
     except ImportError:
-        on_ray_too = False
+        ray_skipped = "ray is not installed here"
     runs: dict[str, list[float]] = {"bare": [], "in_process": [], "ray_train": []}
     for _ in range(sizes.loop_repeats):
         runs["bare"].append(bare_speed(cfg, sizes))
         runs["in_process"].append(loop_speed(cfg, cache, sizes.loop_steps))
-        if on_ray_too:
-            runs["ray_train"].append(ray_train_speed(cfg, cache, sizes.loop_steps, os.cpu_count() or 1))
+        if ray_skipped is None:
+            try:
+                runs["ray_train"].append(ray_train_speed(cfg, cache, sizes.loop_steps, os.cpu_count() or 1))
+            except RayTrainFailed as failure:
+                ray_skipped = str(failure)
     bare = statistics.median(runs["bare"])
     result: dict[str, object] = {
         "encoder": cfg.model.encoder,
@@ -166,8 +173,8 @@ def measure_loop(cfg, cache: Path, sizes: Sizes) -> dict[str, object]:
             speed = statistics.median(runs[name])
             result[f"{name}_img_per_s"] = round(speed, 2)
             result[f"{name}_ratio"] = round(speed / bare, 3)
-    if not on_ray_too:
-        result["ray_train_skipped"] = "ray is not installed here"
+    if ray_skipped is not None:
+        result["ray_train_skipped"] = ray_skipped
     result["runs_img_per_s"] = {name: [round(v, 2) for v in values] for name, values in runs.items() if values}
     return result
 
@@ -245,8 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise UserError(f"--items {','.join(unknown)}: unknown; choose from {', '.join(ITEMS)}.")
         sizes = QUICK if args.quick else Sizes()
+        if args.loop_steps:
+            sizes = dataclasses.replace(sizes, loop_steps=args.loop_steps)
         if args.sweep_epochs:
             sizes = dataclasses.replace(sizes, sweep_epochs=args.sweep_epochs)
+        if args.asha_epochs:
+            sizes = dataclasses.replace(sizes, asha_epochs=args.asha_epochs)
         with tempfile.TemporaryDirectory(prefix="artefact-perf-") as scratch:
             workdir = (args.workdir or Path(scratch)).resolve()
             workdir.mkdir(parents=True, exist_ok=True)
@@ -303,13 +314,7 @@ def run_items(
             from artefact.bench.sweeps import early_stopping
 
             results[item] = early_stopping(
-                profile,
-                overrides,
-                sizes.asha_trials,
-                sizes.asha_epochs,
-                sizes.fair_seeds,
-                workdir / "asha",
-                workspace(cfg),
+                cfg, profile, overrides, sizes.asha_trials, sizes.asha_epochs, workdir / "asha", workspace(cfg)
             )
         elif item == "prepare":
             from artefact.bench.prepare import prepare_memory

@@ -45,9 +45,11 @@ FIELDS = {
         "epochs_run",
         "epochs_at_full_length",
         "epochs_saved_fraction",
+        "same_configurations",
         "best_encoder_search",
-        "best_encoder_fair",
+        "best_encoder_full_length",
         "same_best_encoder",
+        "same_best_trial",
     },
     "prepare": {"images", "largest_megapixels", "source_mb", "seconds", "mb_per_s", "peak_rss_mb"},
 }
@@ -84,6 +86,8 @@ def test_quick_benchmark_writes_every_field(tmp_path: Path) -> None:
     assert results["gpu"] == {"skipped": "no CUDA GPU is visible", "bench_s": results["gpu"]["bench_s"]}
     assert results["sweep"]["trials"] == 2 and results["early_stopping"]["search_trials"] == 2
     assert results["early_stopping"]["epochs_run"] <= results["early_stopping"]["epochs_at_full_length"]
+    # The referee trains the very configurations the search sampled (same seed), to full length.
+    assert results["early_stopping"]["same_configurations"] is True
     assert results["prepare"]["images"] == 10
     # Every target with a measured value is checked and printed.
     assert "gpu.best_unet_convnext_mfu" not in results["targets"]
@@ -103,3 +107,37 @@ def test_unknown_item_is_refused_before_anything_runs(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "--items warp: unknown" in done.stderr and "Traceback" not in done.stderr
     assert not list(tmp_path.iterdir())
+
+
+STALLED_RAY_TRAIN = """
+import sys
+from pathlib import Path
+from artefact.ray_env import prepare_local_cluster
+
+prepare_local_cluster(Path(sys.argv[2]))
+from artefact.bench.throughput import RayTrainFailed, ray_train_speed
+from artefact.config import Config
+
+cfg = Config().replace(data={"resolution": 64}, model={"encoder": "tu-test_convnext"})
+try:
+    ray_train_speed(cfg, Path(sys.argv[1]), steps=2, cpus=2, patience_s=1)
+except RayTrainFailed as failure:
+    print(failure)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_ray_train_row_that_does_not_finish_is_reported_with_rays_logs(tmp_path: Path, synthetic_cache: Path) -> None:
+    """On a lent H100 the Ray Train row never finished; the benchmark must say so and show why."""
+    done = subprocess.run(
+        [sys.executable, "-c", STALLED_RAY_TRAIN, str(synthetic_cache), str(tmp_path / "token")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Ray Train did not finish (no result after 1 s). The end of Ray's logs:" in done.stdout
+    assert "--- raylet.out" in done.stdout
