@@ -79,6 +79,16 @@ QUICK = Sizes(
 )
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python sweeps/perf_bench.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -91,11 +101,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that every item runs")
     parser.add_argument(
         "--loop-steps",
-        type=int,
+        type=_at_least_one,
         help="steps in the loop item's measured epoch (default 40; the laptop profile's epoch on ARTeFACT is ~80)",
     )
-    parser.add_argument("--sweep-epochs", type=int, help="epochs per sweep trial (default 6: ~60 s each on cpu-smoke)")
-    parser.add_argument("--asha-epochs", type=int, help="epochs per trial in the early_stopping item (default 8)")
+    parser.add_argument(
+        "--sweep-epochs", type=_at_least_one, help="epochs per sweep trial (default 6: ~60 s each on cpu-smoke)"
+    )
+    parser.add_argument(
+        "--asha-epochs", type=_at_least_one, help="epochs per trial in the early_stopping item (default 8)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "results" / "perf", help="JSON folder")
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one)")
     return parser.parse_args(argv)
@@ -252,12 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise UserError(f"--items {','.join(unknown)}: unknown; choose from {', '.join(ITEMS)}.")
         sizes = QUICK if args.quick else Sizes()
-        if args.loop_steps:
-            sizes = dataclasses.replace(sizes, loop_steps=args.loop_steps)
-        if args.sweep_epochs:
-            sizes = dataclasses.replace(sizes, sweep_epochs=args.sweep_epochs)
-        if args.asha_epochs:
-            sizes = dataclasses.replace(sizes, asha_epochs=args.asha_epochs)
+        for field in ("loop_steps", "sweep_epochs", "asha_epochs"):
+            if getattr(args, field) is not None:
+                sizes = dataclasses.replace(sizes, **{field: getattr(args, field)})
         with tempfile.TemporaryDirectory(prefix="artefact-perf-") as scratch:
             workdir = (args.workdir or Path(scratch)).resolve()
             workdir.mkdir(parents=True, exist_ok=True)

@@ -109,6 +109,20 @@ def test_unknown_item_is_refused_before_anything_runs(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("flag", ["--loop-steps", "--sweep-epochs", "--asha-epochs"])
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_a_size_below_one_is_refused_before_anything_runs(tmp_path: Path, flag: str, value: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "sweeps" / "perf_bench.py"), flag, value, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert f"argument {flag}: {value!r} is not a whole number of 1 or more" in done.stderr
+    assert "Traceback" not in done.stderr and not list(tmp_path.iterdir())
+
+
 STALLED_RAY_TRAIN = """
 import sys
 from pathlib import Path
