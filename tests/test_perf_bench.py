@@ -97,7 +97,7 @@ def test_quick_benchmark_writes_every_field(tmp_path: Path) -> None:
     assert f"written: {report}" in done.stdout
 
 
-def test_unknown_item_is_refused_before_anything_runs(tmp_path: Path) -> None:
+def test_unknown_item_is_refused_before_anything_runs(tmp_path: Path, bad_input_tried) -> None:
     done = subprocess.run(
         [sys.executable, str(REPO / "sweeps" / "perf_bench.py"), "--items", "loop,warp", "--out", str(tmp_path)],
         capture_output=True,
@@ -107,11 +107,14 @@ def test_unknown_item_is_refused_before_anything_runs(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "--items warp: unknown" in done.stderr and "Traceback" not in done.stderr
     assert not list(tmp_path.iterdir())
+    bad_input_tried("benchmark flag")
 
 
 @pytest.mark.parametrize("flag", ["--loop-steps", "--sweep-epochs", "--asha-epochs"])
 @pytest.mark.parametrize("value", ["0", "-3", "many"])
-def test_a_size_below_one_is_refused_before_anything_runs(tmp_path: Path, flag: str, value: str) -> None:
+def test_a_size_below_one_is_refused_before_anything_runs(
+    tmp_path: Path, flag: str, value: str, bad_input_tried
+) -> None:
     done = subprocess.run(
         [sys.executable, str(REPO / "sweeps" / "perf_bench.py"), flag, value, "--out", str(tmp_path)],
         capture_output=True,
@@ -121,6 +124,7 @@ def test_a_size_below_one_is_refused_before_anything_runs(tmp_path: Path, flag: 
     assert done.returncode == 2
     assert f"argument {flag}: {value!r} is not a whole number of 1 or more" in done.stderr
     assert "Traceback" not in done.stderr and not list(tmp_path.iterdir())
+    bad_input_tried("benchmark flag")
 
 
 STALLED_RAY_TRAIN = """
