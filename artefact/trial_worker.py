@@ -114,7 +114,7 @@ class RayReporter:
             evaluation_figures(self.pending, Path(folder))
             self.run.log_evaluation(Path(folder), f"{EVALUATION_FOLDER}/epoch_{self.pending.epoch:03d}")
         self.pending = None
-        self.drawn_at = -math.inf
+        self.drawn_at = time.monotonic()
 
     def close(self) -> None:
         """At the trial's end, however it ends: the last figures, then every held epoch."""
