@@ -34,6 +34,7 @@ from artefact.models import count_parameters, meta_model, resolve_encoder
 from artefact.report import failed_trials, leaderboard, render_text, write_leaderboard, write_plots
 from artefact.search import (
     can_resume,
+    fail_orphaned_study_trials,
     max_concurrent_trials,
     optuna_storage,
     run_sweep,
@@ -46,6 +47,7 @@ from artefact.tracking import (
     SweepRun,
     check_store,
     close_open_trials,
+    close_replaced_trials,
     close_trial,
     delete_sweep,
     finish_sweep,
@@ -234,6 +236,9 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         histories = trial_histories(tracking)
         summaries = summarise(results, histories, cfg.train.epochs, cfg.sweep.metric)
         _close_trials(tracking, summaries)
+        replaced = close_replaced_trials(tracking, histories, {s.trial_id for s in summaries})
+        if cfg.sweep.mode == "search":
+            fail_orphaned_study_trials(sweep_dir, request.name)
         rows = leaderboard(summaries, cfg.sweep.mode)
         files = write_leaderboard(rows, summaries, cfg.sweep.mode, sweep_dir)
         log_sweep_artifacts(tracking, files)
@@ -245,6 +250,8 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         log(f"\ntrials: {counts}")
         for line in failed_trials(summaries):
             log(f"  failed {line}")
+        for trial_id in replaced:
+            log(f"  replaced {trial_id}: it started just before the sweep was killed, after its last saved state")
         for gap in (s for s in summaries if s.unlogged_epochs):
             log(f"  MLflow lacks epochs {gap.unlogged_epochs} of trial {gap.trial_id}: its store was unreachable")
         log(f"results: {sweep_dir}/ ({', '.join(f.name for f in files)}, {PLOTS_FOLDER}/)")

@@ -33,7 +33,11 @@ BEST_CHECKPOINT_TAG = "artefact.best_checkpoint"
 EVALUATION_TAG = "artefact.evaluation"
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
-FINAL_STATUS = {"completed": "FINISHED", "stopped_early": "FINISHED", "failed": "FAILED"}
+FINAL_STATUS = {"completed": "FINISHED", "stopped_early": "FINISHED", "failed": "FAILED", "replaced": "KILLED"}
+REPLACED_REASON = (
+    "this trial started in the moments before the sweep was killed, after Tune last saved the sweep's state;"
+    " --resume could not continue it and ran a new trial in its place. Its logged epochs are kept."
+)
 
 TRIAL_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 """For trial processes: fail a request to an unreachable server in seconds (MLflow's own
@@ -303,6 +307,15 @@ def close_open_trials(sweep: SweepRun) -> None:
     )
     for run in running:
         client.set_terminated(run.info.run_id, status="KILLED")
+
+
+def close_replaced_trials(sweep: SweepRun, logged: dict[str, object], kept: set[str]) -> list[str]:
+    """Mark the trials in ``logged`` that the finished sweep does not hold (``kept``) as
+    replaced: Tune's saved state predates them, so the resumed sweep ran new ones instead."""
+    replaced = sorted(set(logged) - kept)
+    for trial_id in replaced:
+        close_trial(sweep, trial_id, "replaced", REPLACED_REASON, None)
+    return replaced
 
 
 def set_best_checkpoint(sweep: SweepRun, trial_id: str, path: str) -> None:
