@@ -1,9 +1,9 @@
 """ARTeFACT parquet shards in the Hugging Face layout, and their download.
 
 Each image column is the ``datasets`` Image feature: a struct ``{bytes, path}``. Shards
-are read one row group and one image column at a time, the encoded images are kept as
-zero-copy Arrow buffers, and Arrow's scratch memory goes back to the OS before any image is
-decoded, so a 200 MP image costs its encoded bytes plus its decoded pixels while it decodes.
+are read one row group and one image column at a time, and the encoded images are kept as
+zero-copy buffers: a 200 MP image costs its encoded bytes twice while it is read (page
+by page, ``parquet_pages``) and its encoded bytes plus its decoded pixels while it decodes.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from artefact.data.parquet_pages import UNREADABLE, read_binary_column
 from artefact.data.sample import DEFAULT_MAX_PIXELS, Sample, check_id, open_image
 from artefact.errors import UserError
 
@@ -69,7 +70,7 @@ def read_parquet(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[S
             if not _is_image_struct(parquet.schema_arrow.field(column).type):
                 raise UserError(f"{shard}: column {column!r} must be an Image struct {{bytes: binary, path: string}}.")
         try:
-            for row_number, row in enumerate(_rows(parquet)):
+            for row_number, row in enumerate(_rows(shard, parquet)):
                 yield _sample(row, f"{shard} row {row_number}", max_pixels)
         except (pa.ArrowException, OSError) as error:
             raise UserError(f"{shard}: the file is truncated or corrupt ({error}); re-download the shard.") from None
@@ -82,20 +83,30 @@ def _is_image_struct(kind: pa.DataType) -> bool:
     return pa.types.is_binary(encoded) or pa.types.is_large_binary(encoded)
 
 
-def _rows(parquet: pq.ParquetFile) -> Iterator[dict]:
-    """Rows with each image cell as an Arrow buffer (or None). Reading a large cell briefly
-    takes about four times its size inside Arrow (compressed page, decompressed page, array,
-    and its final copy); reading one column at a time and releasing that memory before
-    yielding keeps it from adding to the decoded image's."""
+def _rows(shard: Path, parquet: pq.ParquetFile) -> Iterator[dict]:
+    """Rows with each image cell as a buffer (or None), one row group at a time."""
     for group in range(parquet.num_row_groups):
         rows = parquet.read_row_group(group, columns=list(TEXT_COLUMNS), use_threads=False).to_pylist()
         for column in IMAGE_COLUMNS:
-            table = parquet.read_row_group(group, columns=[column], use_threads=False)
-            for row, cell in zip(rows, _encoded_images(table.column(column)), strict=True):
-                row[column] = cell
-            del table
-            pa.default_memory_pool().release_unused()
+            for row, cell in zip(rows, _image_cells(shard, parquet, group, column), strict=True):
+                row[column] = cell if cell is not None and cell.size else None
         yield from rows
+
+
+def _image_cells(shard: Path, parquet: pq.ParquetFile, group: int, column: str) -> list[pa.Buffer | None]:
+    """One image column's encoded images in one row group, read page by page (Arrow reads the
+    layouts the page reader does not). The reader's scratch memory goes back to the OS
+    before any image is decoded: the allocator would otherwise keep it."""
+    schema = parquet.metadata.schema
+    leaf = [schema.column(i).path for i in range(len(schema))].index(f"{column}.bytes")
+    try:
+        cells = read_binary_column(shard, parquet.metadata, group, leaf)
+    except UNREADABLE:
+        table = parquet.read_row_group(group, columns=[column], use_threads=False)
+        cells = list(_encoded_images(table.column(column)))
+        del table
+    pa.default_memory_pool().release_unused()
+    return cells
 
 
 def _encoded_images(column: pa.ChunkedArray) -> Iterator[pa.Buffer | None]:

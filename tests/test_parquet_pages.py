@@ -1,0 +1,135 @@
+"""The page-by-page reader of encoded images, with Arrow's own reader as the oracle."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from builders import random_rows, write_parquet_by_hand
+
+from artefact.data.parquet import read_parquet
+from artefact.data.parquet_pages import UNREADABLE, UnsupportedLayout, read_binary_column
+
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+LAYOUTS = list(
+    itertools.product(
+        ["NONE", "SNAPPY", "GZIP", "ZSTD", "BROTLI"],  # codecs
+        [True, False],  # dictionary first
+        ["1.0", "2.0"],  # data page version
+        [1 << 20, 2000],  # page size: one page per row group, or several
+    )
+)
+
+
+def _cells(count: int = 40) -> list[dict | None]:
+    """Random 'images' with null structs, null bytes, empty bytes and a repeated value."""
+    rng = np.random.default_rng(0)
+    cells = [rng.bytes(int(rng.integers(1, 3000))) for _ in range(count)]
+    cells[6], cells[13], cells[10] = None, b"", cells[2]
+    return [None if i == 17 else {"bytes": cell, "path": f"{i}.png"} for i, cell in enumerate(cells)]
+
+
+def _leaf(metadata: pq.FileMetaData, path: str) -> int:
+    return [metadata.schema.column(i).path for i in range(metadata.num_columns)].index(path)
+
+
+def _arrow_cells(parquet: pq.ParquetFile, group: int) -> list[bytes | None]:
+    cells = parquet.read_row_group(group, columns=["image"]).column("image").to_pylist()
+    return [None if cell is None else cell["bytes"] for cell in cells]
+
+
+@pytest.mark.parametrize(("codec", "dictionary", "version", "page_size"), LAYOUTS)
+def test_every_writer_layout_reads_back_as_arrow_reads_it(
+    tmp_path: Path, codec: str, dictionary: bool, version: str, page_size: int
+) -> None:
+    table = pa.table({"id": [str(i) for i in range(40)], "image": pa.array(_cells(), IMAGE_STRUCT)})
+    path = tmp_path / "shard.parquet"
+    pq.write_table(
+        table,
+        path,
+        compression=codec,
+        use_dictionary=dictionary,
+        data_page_version=version,
+        data_page_size=page_size,
+        row_group_size=16,
+    )
+    parquet = pq.ParquetFile(path)
+    for group in range(parquet.num_row_groups):
+        cells = read_binary_column(path, parquet.metadata, group, _leaf(parquet.metadata, "image.bytes"))
+        assert [None if cell is None else cell.to_pybytes() for cell in cells] == _arrow_cells(parquet, group)
+
+
+def test_a_layout_it_does_not_read_is_read_by_arrow(tmp_path: Path) -> None:
+    """Hadoop-framed LZ4 is left to Arrow, and the shard still reads whole."""
+    rows = random_rows(3)
+    shard = tmp_path / "pq" / "data" / "train-00000-of-00001.parquet"
+    write_parquet_by_hand(shard, rows)
+    pq.write_table(pq.read_table(shard), shard, compression="LZ4", row_group_size=2)
+    metadata = pq.ParquetFile(shard).metadata
+    with pytest.raises(UnsupportedLayout, match="codec LZ4"):
+        read_binary_column(shard, metadata, 0, _leaf(metadata, "image.bytes"))
+    samples = list(read_parquet(tmp_path / "pq"))
+    assert [s.id for s in samples] == [r.id for r in rows]
+    assert all(np.array_equal(np.asarray(s.mask), r.mask) for s, r in zip(samples, rows, strict=True))
+
+
+def test_a_damaged_page_header_is_refused_without_a_huge_allocation(tmp_path: Path) -> None:
+    path = tmp_path / "shard.parquet"
+    pq.write_table(pa.table({"image": pa.array(_cells(), IMAGE_STRUCT)}), path, compression="NONE")
+    metadata = pq.ParquetFile(path).metadata
+    chunk = metadata.row_group(0).column(0)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start + 1 : start + 7] = b"\xff\xff\xff\xff\xff\x0f"  # the page sizes: varints of 2^35 and more
+    path.write_bytes(bytes(data))
+    with pytest.raises(UNREADABLE):
+        read_binary_column(path, metadata, 0, 0)
+
+
+PEAK_OF_ONE_READ = """
+import sys
+import pyarrow.parquet as pq
+from artefact.data.parquet_pages import read_binary_column
+
+def kb(field):
+    return int(open("/proc/self/status").read().split(field + ":")[1].split()[0])
+
+path, reader = sys.argv[1], sys.argv[2]
+parquet = pq.ParquetFile(path)
+before = kb("VmRSS")
+if reader == "pages":
+    read_binary_column(path, parquet.metadata, 0, 0)
+else:
+    parquet.read_row_group(0, columns=["image"], use_threads=False)
+print((kb("VmHWM") - before) * 1024)
+"""
+
+
+def _peak_bytes(path: Path, reader: str) -> int:
+    """How far a fresh process's peak RSS rose above its footprint while one reader ran."""
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_OF_ONE_READ, str(path), reader], capture_output=True, text=True, check=True
+    )
+    return int(done.stdout)
+
+
+def test_a_large_cell_is_held_at_most_twice_while_read(tmp_path: Path) -> None:
+    """Arrow holds about four copies of a 200 MP image's bytes while it reads them (1.5 GB
+    for 378 MB); page by page, the compressed page and its decompressed copy at most."""
+    size = 64 << 20
+    cell = {"bytes": np.random.default_rng(1).bytes(size), "path": "huge.png"}
+    path = tmp_path / "huge.parquet"
+    pq.write_table(pa.table({"image": pa.array([cell], IMAGE_STRUCT)}), path)  # snappy, a dictionary page
+
+    ours, arrows = _peak_bytes(path, "pages"), _peak_bytes(path, "arrow")
+    print(f"peak RSS while reading, in copies of the cell: ours {ours / size:.2f}, Arrow's {arrows / size:.2f}")
+    assert ours <= 2.3 * size
+    assert arrows >= 3.5 * size
+    [read] = read_binary_column(path, pq.ParquetFile(path).metadata, 0, 0)
+    assert read.to_pybytes() == cell["bytes"]
