@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from artefact.tracking import (
     OUTCOME_TAG,
     REASON_TAG,
     TrialRun,
+    check_store,
     close_open_trials,
     close_replaced_trials,
     close_trial,
@@ -46,3 +49,39 @@ def test_a_trial_the_resumed_sweep_does_not_hold_is_marked_replaced_and_keeps_it
     assert {trial_id: r.data.tags[OUTCOME_TAG] for trial_id, r in runs.items()} == dict.fromkeys(kept, "completed")
     assert all(r.info.status == "FINISHED" for r in runs.values())
     assert close_replaced_trials(sweep, trial_histories(sweep), kept | {"orphan"}) == []
+
+
+def _schema(store: Path) -> list[tuple]:
+    with sqlite3.connect(store) as db:
+        tables = db.execute("SELECT type, name, sql FROM sqlite_master ORDER BY type, name").fetchall()
+        return [*tables, *db.execute("SELECT version_num FROM alembic_version").fetchall()]
+
+
+def test_a_new_store_is_copied_from_a_migrated_template_and_matches_one_mlflow_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow migrates every new SQLite store from scratch (seconds per sweep and per test);
+    a copy of an empty store migrated once per MLflow version must be the same store."""
+    monkeypatch.chdir(tmp_path)  # MLflow's default experiment is placed relative to here
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    check_store(f"sqlite:///{tmp_path / 'first.db'}")
+    [template] = (tmp_path / "cache" / "artefact-sweeps").glob("mlflow-*-empty.db")
+    copied = tmp_path / "copied.db"
+    check_store(f"sqlite:///{copied}")
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(template))  # a file: no cache, so MLflow makes the store
+    made = tmp_path / "made.db"
+    check_store(f"sqlite:///{made}")
+    assert _schema(copied) == _schema(made) == _schema(tmp_path / "first.db")
+    experiments = [
+        [(e.experiment_id, e.name, e.artifact_location) for e in MlflowClient(f"sqlite:///{db}").search_experiments()]
+        for db in (copied, made)
+    ]
+    assert experiments[0] == experiments[1] == [("0", "Default", str(tmp_path / "mlruns" / "0"))]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "copied.db", "first.db", "made.db"]
+
+    sweep = open_sweep(f"sqlite:///{copied}", "copied", {})
+    TrialRun(sweep, "t1", {"lr": 1e-3}).log_epoch({"epoch": 1, "val/miou_fine": 0.5}, step=1)
+    assert trial_histories(sweep) == {"t1": [{"epoch": 1.0, "val/miou_fine": 0.5}]}
+    check_store(f"sqlite:///{copied}")  # an existing store is opened, never replaced
+    assert list(trial_histories(sweep)) == ["t1"]
