@@ -233,14 +233,12 @@ def optuna_storage(sweep_dir: Path) -> str:
     return f"sqlite:///{(sweep_dir / 'optuna.db').resolve()}"
 
 
-def fail_orphaned_study_trials(sweep_dir: Path, name: str) -> list[int]:
+def fail_orphaned_study_trials(sweep_dir: Path, name: str) -> None:
     """Once every Tune trial has ended, an Optuna trial still RUNNING was asked for by a
     sweep killed before it saved its state; mark it FAIL so the study tells no such tale."""
     study = optuna.load_study(study_name=name, storage=optuna_storage(sweep_dir))
-    orphans = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
-    for number in orphans:
-        study.tell(number, state=optuna.trial.TrialState.FAIL)
-    return orphans
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
 def _param_space(cfg: Config) -> dict[str, Any]:

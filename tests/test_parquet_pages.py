@@ -92,6 +92,33 @@ def test_a_damaged_page_header_is_refused_without_a_huge_allocation(tmp_path: Pa
         read_binary_column(path, metadata, 0, 0)
 
 
+@pytest.mark.parametrize(("codec", "version"), [("NONE", "1.0"), ("SNAPPY", "1.0"), ("SNAPPY", "2.0")])
+def test_any_damaged_header_byte_reads_or_is_refused_but_never_crashes(
+    tmp_path: Path, codec: str, version: str
+) -> None:
+    """Each of the first 40 bytes of the first two pages set to 0x00, 0x7f, 0x80 or 0xff in
+    turn: the reader returns values or raises one of UNREADABLE (so Arrow takes over)."""
+    clean = tmp_path / "clean.parquet"
+    table = pa.table({"image": pa.array(_cells(), IMAGE_STRUCT)})
+    pq.write_table(table, clean, compression=codec, data_page_version=version, row_group_size=40)
+    metadata = pq.ParquetFile(clean).metadata
+    chunk = metadata.row_group(0).column(0)
+    first = chunk.dictionary_page_offset or chunk.data_page_offset
+    headers = [*range(first, first + 40), *range(chunk.data_page_offset, chunk.data_page_offset + 40)]
+    damaged = tmp_path / "damaged.parquet"
+    outcomes = {"read": 0, "refused": 0}
+    for position, value in itertools.product(headers, (0x00, 0x7F, 0x80, 0xFF)):
+        data = bytearray(clean.read_bytes())
+        data[position] = value
+        damaged.write_bytes(bytes(data))
+        try:
+            read_binary_column(damaged, metadata, 0, 0)
+            outcomes["read"] += 1
+        except UNREADABLE:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 50, outcomes
+
+
 PEAK_OF_ONE_READ = """
 import sys
 import pyarrow.parquet as pq

@@ -13,8 +13,10 @@ Arrow instead.
 
 from __future__ import annotations
 
+import io
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -32,8 +34,8 @@ CODECS = {
     "ZSTD": "zstd",
     "LZ4_RAW": "lz4_raw",
 }
-MAX_PAGE_BYTES = 1 << 32
-"""Parquet page sizes are 32-bit: a larger one is a damaged header, not an allocation to try."""
+MAX_HEADER_ITEMS = 1 << 16
+"""Page headers hold short statistics and no long lists: beyond this, the header is damaged."""
 # Thrift compact protocol type codes (https://github.com/apache/thrift, compact protocol spec)
 _TRUE, _FALSE, _BYTE, _I16, _I32, _I64, _DOUBLE, _BINARY, _LIST, _SET, _MAP, _STRUCT = range(1, 13)
 
@@ -42,14 +44,15 @@ class UnsupportedLayout(Exception):
     """The chunk uses a page type, encoding, codec or nesting this reader does not handle."""
 
 
-UNREADABLE = (UnsupportedLayout, EOFError, KeyError, IndexError, ValueError, struct.error, pa.ArrowException)
+UNREADABLE = (UnsupportedLayout, EOFError, OSError, KeyError, IndexError, ValueError, struct.error, pa.ArrowException)
 """What reading a chunk here can raise: the caller then reads it with Arrow, which reads any
 layout and names what is wrong with a damaged file."""
 
 
 class _Thrift:
     """A Thrift compact-protocol reader over a file, for Parquet page headers: a struct is
-    returned as ``{field id: value}``, nested structs as dicts and lists as lists."""
+    returned as ``{field id: value}``, nested structs as dicts, lists as lists and maps as
+    lists of pairs."""
 
     def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
@@ -69,6 +72,12 @@ class _Thrift:
                 return result
             shift += 7
 
+    def length(self, limit: int = MAX_HEADER_ITEMS) -> int:
+        value = self.varint()
+        if value > limit:
+            raise UnsupportedLayout(f"a page header field of {value} items: the header is damaged")
+        return value
+
     def zigzag(self) -> int:
         value = self.varint()
         return (value >> 1) ^ -(value & 1)
@@ -83,15 +92,15 @@ class _Thrift:
         if kind == _DOUBLE:
             return struct.unpack("<d", self.stream.read(8))[0]
         if kind == _BINARY:
-            return self.stream.read(self.varint())
+            return self.stream.read(self.length())
         if kind in (_LIST, _SET):
             header = self._byte()
-            size = header >> 4 if header >> 4 != 15 else self.varint()
+            size = header >> 4 if header >> 4 != 15 else self.length()
             return [self.value(header & 0x0F) for _ in range(size)]
         if kind == _MAP:
-            size = self.varint()
+            size = self.length()
             kinds = self._byte() if size else 0
-            return {self.value(kinds >> 4): self.value(kinds & 0x0F) for _ in range(size)}
+            return [(self.value(kinds >> 4), self.value(kinds & 0x0F)) for _ in range(size)]
         if kind == _STRUCT:
             return self.struct()
         raise UnsupportedLayout(f"Thrift type {kind} in a page header")
@@ -110,14 +119,16 @@ class _Thrift:
 
 def _hybrid(data: memoryview, bit_width: int, count: int) -> np.ndarray:
     """``count`` values of Parquet's RLE / bit-packed hybrid encoding."""
+    if not 0 <= bit_width <= 32:
+        raise UnsupportedLayout(f"levels or indices of {bit_width} bits")
     out = np.empty(count, np.int64)
-    stream = _Thrift(pa.BufferReader(pa.py_buffer(data)))
+    stream = _Thrift(io.BytesIO(data))  # levels or indices: a small copy
     filled = 0
     value_bytes = (bit_width + 7) // 8
     while filled < count:
         header = stream.varint()
-        if header & 1:  # bit-packed: (header >> 1) groups of 8 values, LSB first
-            groups = header >> 1
+        if header & 1:  # bit-packed: (header >> 1) groups of 8 values, LSB first; read those needed
+            groups = min(header >> 1, -(-(count - filled) // 8))
             packed = np.frombuffer(stream.stream.read(groups * bit_width), np.uint8)
             bits = np.unpackbits(packed, bitorder="little").reshape(-1, bit_width) if bit_width else None
             values = (
@@ -152,6 +163,30 @@ def _read_page(stream: BinaryIO, size: int) -> pa.Buffer:
     return buffer
 
 
+@dataclass
+class Page:
+    """A data or dictionary page, its header checked: every field this reader uses is an
+    integer in range, so a damaged header fails here rather than as a type error later."""
+
+    kind: int
+    values: int
+    """Values in the page, nulls included (for a dictionary page, its entries)."""
+    encoding: int
+    levels: bytes
+    """A v2 page's repetition and definition levels; a v1 page keeps them in ``body``."""
+    level_offset: int
+    """Where the definition levels start in ``levels`` (v2)."""
+    level_encoding: int
+    body: pa.Buffer
+    """The page's bytes after its levels (v2) or all of them (v1), decompressed."""
+
+
+def _ints(fields: object, *ids: int) -> list[int]:
+    if not isinstance(fields, dict) or not all(type(fields.get(i)) is int and fields[i] >= 0 for i in ids):
+        raise UnsupportedLayout(f"a damaged page header: {fields!r:.200}")
+    return [fields[i] for i in ids]
+
+
 def read_binary_column(path: Path, metadata: pq.FileMetaData, row_group: int, column: int) -> list[pa.Buffer | None]:
     """Every row's value of one BYTE_ARRAY leaf column in one row group (None where null).
 
@@ -170,68 +205,79 @@ def read_binary_column(path: Path, metadata: pq.FileMetaData, row_group: int, co
     dictionary: list[pa.Buffer] = []
     with open(path, "rb") as stream:
         stream.seek(start)
-        for kind, header, levels, body in _pages(stream, start + chunk.total_compressed_size, codec):
-            if kind == DICTIONARY_PAGE:
-                if header.get(2, PLAIN) not in (PLAIN, PLAIN_DICTIONARY):
-                    raise UnsupportedLayout(f"{leaf.path}: dictionary encoding {header.get(2)}")
-                dictionary = _plain_values(body, 0, header[1])
+        end = start + chunk.total_compressed_size
+        for page in _pages(stream, end, chunk.total_uncompressed_size, codec):
+            if page.kind == DICTIONARY_PAGE:
+                if page.encoding not in (PLAIN, PLAIN_DICTIONARY):
+                    raise UnsupportedLayout(f"{leaf.path}: dictionary encoding {page.encoding}")
+                dictionary = _plain_values(page.body, 0, page.values)
+            elif page.values > rows - len(values):
+                raise UnsupportedLayout(f"{leaf.path}: a page of {page.values} values past the row group's {rows}")
             else:
-                values.extend(_page_values(kind, header, levels, body, dictionary, leaf.max_definition_level))
+                values.extend(_page_values(page, dictionary, leaf.max_definition_level))
     if len(values) != rows:
         raise UnsupportedLayout(f"{leaf.path}: its pages hold {len(values)} values for {rows} rows")
     return values
 
 
-def _pages(stream: BinaryIO, end: int, codec: pa.Codec | None) -> Iterator[tuple[int, dict, bytes, pa.Buffer]]:
-    """(page type, type-specific header, a v2 page's level bytes, the decompressed body)."""
+def _pages(stream: BinaryIO, end: int, most_bytes: int, codec: pa.Codec | None) -> Iterator[Page]:
+    """The chunk's pages in order, from ``stream`` up to ``end``; no page decompresses to
+    more than the chunk's ``most_bytes``."""
     thrift = _Thrift(stream)
     while stream.tell() < end:
         header = thrift.struct()
-        kind, uncompressed, compressed = header[1], header[2], header[3]
-        if not 0 <= compressed <= end - stream.tell() or not 0 <= uncompressed < MAX_PAGE_BYTES:
+        kind, uncompressed, compressed = _ints(header, 1, 2, 3)
+        if compressed > end - stream.tell() or uncompressed > most_bytes:
             raise UnsupportedLayout(f"a page of {compressed} bytes ({uncompressed} decompressed) at {stream.tell()}")
         if kind == INDEX_PAGE:
             stream.seek(compressed, 1)
             continue
-        if kind not in (DATA_PAGE, DICTIONARY_PAGE, DATA_PAGE_V2):
-            raise UnsupportedLayout(f"page type {kind}")
         body = _read_page(stream, compressed)
-        levels = b""
-        if kind == DATA_PAGE_V2:  # levels are never compressed, and the values may not be
-            v2 = header[8]
-            levels = body.slice(0, v2[5] + v2[6]).to_pybytes()
+        if kind == DATA_PAGE:
+            count, encoding, level_encoding = _ints(header.get(5), 1, 2, 3)
+            yield Page(kind, count, encoding, b"", 0, level_encoding, _decompress(codec, body, uncompressed))
+        elif kind == DICTIONARY_PAGE:
+            count, encoding = _ints(header.get(7), 1, 2)
+            yield Page(kind, count, encoding, b"", 0, RLE, _decompress(codec, body, uncompressed))
+        elif kind == DATA_PAGE_V2:  # levels are never compressed, and the values may not be
+            v2 = header.get(8)
+            count, encoding, definition, repetition = _ints(v2, 1, 4, 5, 6)
+            if definition + repetition > compressed:
+                raise UnsupportedLayout(f"levels of {definition + repetition} bytes in a page of {compressed}")
+            levels = body.slice(0, definition + repetition).to_pybytes()
             body = body.slice(len(levels))
-            if codec is not None and v2.get(7, True):
-                body = codec.decompress(body, uncompressed - len(levels))
-        elif codec is not None:
-            body = codec.decompress(body, uncompressed)
-        yield kind, header[{DATA_PAGE: 5, DICTIONARY_PAGE: 7, DATA_PAGE_V2: 8}[kind]], levels, body
+            if v2.get(7, True) is not False:
+                body = _decompress(codec, body, uncompressed - len(levels))
+            yield Page(kind, count, encoding, levels, repetition, RLE, body)
+        else:
+            raise UnsupportedLayout(f"page type {kind}")
 
 
-def _page_values(
-    kind: int, header: dict, levels: bytes, body: pa.Buffer, dictionary: list[pa.Buffer], max_level: int
-) -> list[pa.Buffer | None]:
+def _decompress(codec: pa.Codec | None, body: pa.Buffer, size: int) -> pa.Buffer:
+    return body if codec is None else codec.decompress(body, size)
+
+
+def _page_values(page: Page, dictionary: list[pa.Buffer], max_level: int) -> list[pa.Buffer | None]:
     """A data page's values in row order, None where a row's definition level says null."""
-    rows = header[1]
     position = 0
     if not max_level:
-        defined = np.full(rows, True)
-    elif kind == DATA_PAGE_V2:
-        defined = _hybrid(memoryview(levels)[header[6] :], max_level.bit_length(), rows) == max_level
-    elif header.get(3) == RLE:
-        (length,) = struct.unpack_from("<I", body, 0)
-        defined = _hybrid(memoryview(body)[4 : 4 + length], max_level.bit_length(), rows) == max_level
+        defined = np.full(page.values, True)
+    elif page.kind == DATA_PAGE_V2:
+        defined = _hybrid(memoryview(page.levels)[page.level_offset :], max_level.bit_length(), page.values)
+        defined = defined == max_level
+    elif page.level_encoding == RLE:
+        (length,) = struct.unpack_from("<I", page.body, 0)
+        defined = _hybrid(memoryview(page.body)[4 : 4 + length], max_level.bit_length(), page.values) == max_level
         position = 4 + length
     else:
-        raise UnsupportedLayout(f"definition level encoding {header.get(3)}")
+        raise UnsupportedLayout(f"definition level encoding {page.level_encoding}")
     count = int(defined.sum())
-    encoding = header[4] if kind == DATA_PAGE_V2 else header[2]
-    if encoding == PLAIN:
-        found = _plain_values(body, position, count)
-    elif encoding in (PLAIN_DICTIONARY, RLE_DICTIONARY):
-        width = memoryview(body)[position]
-        found = [dictionary[i] for i in _hybrid(memoryview(body)[position + 1 :], width, count)]
+    if page.encoding == PLAIN:
+        found = _plain_values(page.body, position, count)
+    elif page.encoding in (PLAIN_DICTIONARY, RLE_DICTIONARY):
+        width = memoryview(page.body).cast("B")[position]
+        found = [dictionary[i] for i in _hybrid(memoryview(page.body)[position + 1 :], width, count)]
     else:
-        raise UnsupportedLayout(f"value encoding {encoding}")
+        raise UnsupportedLayout(f"value encoding {page.encoding}")
     values = iter(found)
     return [next(values) if here else None for here in defined]
