@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import itertools
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -14,17 +16,29 @@ import pytest
 from builders import random_rows, write_parquet_by_hand
 
 from artefact.data.parquet import read_parquet
-from artefact.data.parquet_pages import UNREADABLE, UnsupportedLayout, read_binary_column
+from artefact.data.parquet_pages import (
+    DICTIONARY_PAGE,
+    PLAIN,
+    RLE_DICTIONARY,
+    UNREADABLE,
+    UnsupportedLayout,
+    _page_values,
+    _pages,
+    read_binary_column,
+)
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 LAYOUTS = list(
     itertools.product(
         ["NONE", "SNAPPY", "GZIP", "ZSTD", "BROTLI"],  # codecs
-        [True, False],  # dictionary first
+        ["dictionary", "plain", "dictionary-then-plain"],
         ["1.0", "2.0"],  # data page version
         [1 << 20, 2000],  # page size: one page per row group, or several
     )
 )
+DICTIONARY_LIMIT = {"dictionary": 1 << 20, "plain": None, "dictionary-then-plain": 4000}
+"""Bytes of dictionary before a writer goes on with PLAIN pages: 4000 is full after about
+three values, so those row groups switch midway."""
 
 
 def _cells(count: int = 40) -> list[dict | None]:
@@ -33,6 +47,10 @@ def _cells(count: int = 40) -> list[dict | None]:
     cells = [rng.bytes(int(rng.integers(1, 3000))) for _ in range(count)]
     cells[6], cells[13], cells[10] = None, b"", cells[2]
     return [None if i == 17 else {"bytes": cell, "path": f"{i}.png"} for i, cell in enumerate(cells)]
+
+
+def _codec(name: str) -> pa.Codec | None:
+    return None if name == "NONE" else pa.Codec(name.lower())
 
 
 def _leaf(metadata: pq.FileMetaData, path: str) -> int:
@@ -44,9 +62,9 @@ def _arrow_cells(parquet: pq.ParquetFile, group: int) -> list[bytes | None]:
     return [None if cell is None else cell["bytes"] for cell in cells]
 
 
-@pytest.mark.parametrize(("codec", "dictionary", "version", "page_size"), LAYOUTS)
+@pytest.mark.parametrize(("codec", "values", "version", "page_size"), LAYOUTS)
 def test_every_writer_layout_reads_back_as_arrow_reads_it(
-    tmp_path: Path, codec: str, dictionary: bool, version: str, page_size: int
+    tmp_path: Path, codec: str, values: str, version: str, page_size: int
 ) -> None:
     table = pa.table({"id": [str(i) for i in range(40)], "image": pa.array(_cells(), IMAGE_STRUCT)})
     path = tmp_path / "shard.parquet"
@@ -54,12 +72,21 @@ def test_every_writer_layout_reads_back_as_arrow_reads_it(
         table,
         path,
         compression=codec,
-        use_dictionary=dictionary,
+        use_dictionary=DICTIONARY_LIMIT[values] is not None,
+        dictionary_pagesize_limit=DICTIONARY_LIMIT[values] or 1 << 20,
         data_page_version=version,
         data_page_size=page_size,
         row_group_size=16,
+        write_batch_size=2,  # the writer checks the dictionary's size between batches
     )
     parquet = pq.ParquetFile(path)
+    if values == "dictionary-then-plain":
+        chunk = parquet.metadata.row_group(0).column(_leaf(parquet.metadata, "image.bytes"))
+        with path.open("rb") as stream:
+            stream.seek(chunk.dictionary_page_offset)
+            end = chunk.dictionary_page_offset + chunk.total_compressed_size
+            pages = list(_pages(stream, end, chunk.total_uncompressed_size, _codec(codec)))
+        assert {page.encoding for page in pages if page.kind != DICTIONARY_PAGE} == {PLAIN, RLE_DICTIONARY}
     for group in range(parquet.num_row_groups):
         cells = read_binary_column(path, parquet.metadata, group, _leaf(parquet.metadata, "image.bytes"))
         assert [None if cell is None else cell.to_pybytes() for cell in cells] == _arrow_cells(parquet, group)
@@ -79,25 +106,48 @@ def test_a_layout_it_does_not_read_is_read_by_arrow(tmp_path: Path) -> None:
     assert all(np.array_equal(np.asarray(s.mask), r.mask) for s, r in zip(samples, rows, strict=True))
 
 
-def test_a_damaged_page_header_is_refused_without_a_huge_allocation(tmp_path: Path) -> None:
-    path = tmp_path / "shard.parquet"
-    pq.write_table(pa.table({"image": pa.array(_cells(), IMAGE_STRUCT)}), path, compression="NONE")
-    metadata = pq.ParquetFile(path).metadata
-    chunk = metadata.row_group(0).column(0)
-    start = chunk.dictionary_page_offset or chunk.data_page_offset
-    data = bytearray(path.read_bytes())
-    data[start + 1 : start + 7] = b"\xff\xff\xff\xff\xff\x0f"  # the page sizes: varints of 2^35 and more
-    path.write_bytes(bytes(data))
-    with pytest.raises(UNREADABLE):
-        read_binary_column(path, metadata, 0, 0)
+def _compact_header(kind: int, uncompressed: int, compressed: int) -> bytes:
+    """A Parquet page header in Thrift's compact protocol, as a writer would put it."""
+
+    def i32(delta: int, value: int) -> bytes:
+        zigzag, out = (value << 1) ^ (value >> 63), bytearray([delta << 4 | 5])
+        while zigzag >= 0x80:
+            out += bytes([zigzag & 0x7F | 0x80])
+            zigzag >>= 7
+        return bytes(out + bytes([zigzag]))
+
+    data_page = i32(1, 1) + i32(1, 0) + i32(1, 3) + b"\x00"  # 1 value, PLAIN, RLE levels
+    return i32(1, kind) + i32(1, uncompressed) + i32(1, compressed) + bytes([2 << 4 | 12]) + data_page + b"\x00"
+
+
+@pytest.mark.parametrize(
+    ("uncompressed", "compressed", "most_bytes"),
+    [(1 << 31, 16, 1 << 20), (16, 1 << 31, 1 << 20), (16, 17, 1 << 20)],
+    ids=["decompresses-past-the-chunk", "larger-than-the-file", "one-byte-past-the-chunk"],
+)
+def test_a_page_whose_sizes_exceed_its_chunk_is_refused_before_any_allocation(
+    uncompressed: int, compressed: int, most_bytes: int
+) -> None:
+    header = _compact_header(0, uncompressed, compressed)
+    chunk = io.BytesIO(header + bytes(16))
+    with pytest.raises(UnsupportedLayout, match="a page of"):
+        list(_pages(chunk, len(header) + 16, most_bytes, pa.Codec("snappy")))
+
+
+def test_a_well_formed_hand_written_header_reads(tmp_path: Path) -> None:
+    """The hand-written header above is one the reader accepts, so the refusals are the sizes'."""
+    body = struct.pack("<I", 2) + b"\x02\x01" + struct.pack("<I", 3) + b"png"  # levels, then one value
+    header = _compact_header(0, len(body), len(body))
+    [page] = list(_pages(io.BytesIO(header + body), len(header) + len(body), 1 << 20, None))
+    assert [cell.to_pybytes() for cell in _page_values(page, [], 1)] == [b"png"]
 
 
 @pytest.mark.parametrize(("codec", "version"), [("NONE", "1.0"), ("SNAPPY", "1.0"), ("SNAPPY", "2.0")])
-def test_any_damaged_header_byte_reads_or_is_refused_but_never_crashes(
-    tmp_path: Path, codec: str, version: str
-) -> None:
+def test_any_damaged_header_byte_reads_as_arrow_does_or_is_refused(tmp_path: Path, codec: str, version: str) -> None:
     """Each of the first 40 bytes of the first two pages set to 0x00, 0x7f, 0x80 or 0xff in
-    turn: the reader returns values or raises one of UNREADABLE (so Arrow takes over)."""
+    turn: the reader returns what Arrow reads from the damaged file (the clean values where
+    Arrow refuses a field this reader does not use), or raises one of UNREADABLE, so that
+    Arrow takes over. It never crashes and never returns other values."""
     clean = tmp_path / "clean.parquet"
     table = pa.table({"image": pa.array(_cells(), IMAGE_STRUCT)})
     pq.write_table(table, clean, compression=codec, data_page_version=version, row_group_size=40)
@@ -105,6 +155,7 @@ def test_any_damaged_header_byte_reads_or_is_refused_but_never_crashes(
     chunk = metadata.row_group(0).column(0)
     first = chunk.dictionary_page_offset or chunk.data_page_offset
     headers = [*range(first, first + 40), *range(chunk.data_page_offset, chunk.data_page_offset + 40)]
+    clean_values = _arrow_cells(pq.ParquetFile(clean), 0)
     damaged = tmp_path / "damaged.parquet"
     outcomes = {"read": 0, "refused": 0}
     for position, value in itertools.product(headers, (0x00, 0x7F, 0x80, 0xFF)):
@@ -112,11 +163,17 @@ def test_any_damaged_header_byte_reads_or_is_refused_but_never_crashes(
         data[position] = value
         damaged.write_bytes(bytes(data))
         try:
-            read_binary_column(damaged, metadata, 0, 0)
-            outcomes["read"] += 1
+            cells = read_binary_column(damaged, metadata, 0, 0)
         except UNREADABLE:
             outcomes["refused"] += 1
-    assert outcomes["refused"] > 50, outcomes
+            continue
+        outcomes["read"] += 1
+        try:
+            expected = _arrow_cells(pq.ParquetFile(damaged), 0)
+        except (pa.ArrowException, OSError):
+            expected = clean_values
+        assert [None if cell is None else cell.to_pybytes() for cell in cells] == expected, (position, value)
+    assert outcomes["refused"] > 50 and outcomes["read"] > 50, outcomes
 
 
 PEAK_OF_ONE_READ = """
@@ -156,7 +213,6 @@ def test_a_large_cell_is_held_at_most_twice_while_read(tmp_path: Path) -> None:
 
     ours, arrows = _peak_bytes(path, "pages"), _peak_bytes(path, "arrow")
     print(f"peak RSS while reading, in copies of the cell: ours {ours / size:.2f}, Arrow's {arrows / size:.2f}")
-    assert ours <= 2.3 * size
-    assert arrows >= 3.5 * size
+    assert ours <= 2.3 * size  # Arrow's own read (about 4.1 copies here) is printed, not asserted
     [read] = read_binary_column(path, pq.ParquetFile(path).metadata, 0, 0)
     assert read.to_pybytes() == cell["bytes"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
+import mlflow.store.db.utils
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -13,7 +15,6 @@ from artefact.tracking import (
     REASON_TAG,
     TrialRun,
     check_store,
-    close_open_trials,
     close_replaced_trials,
     close_trial,
     open_sweep,
@@ -29,7 +30,7 @@ def test_a_trial_the_resumed_sweep_does_not_hold_is_marked_replaced_and_keeps_it
     sweep = open_sweep(uri, "killed", {})
     for trial_id in ("kept-1", "kept-2", "orphan"):
         TrialRun(sweep, trial_id, {"lr": 1e-3}).log_epoch({"epoch": 1, "val/miou_fine": 0.2}, step=1)
-    close_open_trials(sweep)  # the killed sweep's finally-block
+    # SIGKILLed, the sweep ran no finally-block: the orphan's run is still RUNNING
     sweep = open_sweep(uri, "killed", {})  # --resume
     TrialRun(sweep, "kept-3", {"lr": 2e-3}).log_epoch({"epoch": 1, "val/miou_fine": 0.3}, step=1)
     kept = {"kept-1", "kept-2", "kept-3"}
@@ -51,10 +52,19 @@ def test_a_trial_the_resumed_sweep_does_not_hold_is_marked_replaced_and_keeps_it
     assert close_replaced_trials(sweep, trial_histories(sweep), kept | {"orphan"}) == []
 
 
+def _no_migrations(engine) -> None:
+    raise AssertionError("MLflow migrated a new store instead of copying the template")
+
+
 def _schema(store: Path) -> list[tuple]:
-    with sqlite3.connect(store) as db:
+    """Each table and index with its definition's lines sorted (Alembic writes a recreated
+    table's constraints in set order, which varies from process to process), then the
+    schema version."""
+    with closing(sqlite3.connect(store)) as db:
         tables = db.execute("SELECT type, name, sql FROM sqlite_master ORDER BY type, name").fetchall()
-        return [*tables, *db.execute("SELECT version_num FROM alembic_version").fetchall()]
+        version = db.execute("SELECT version_num FROM alembic_version").fetchall()
+    lines = [(kind, name, sorted(line.strip(" ,") for line in (sql or "").splitlines())) for kind, name, sql in tables]
+    return [*lines, *version]
 
 
 def test_a_new_store_is_copied_from_a_migrated_template_and_matches_one_mlflow_made(
@@ -67,7 +77,9 @@ def test_a_new_store_is_copied_from_a_migrated_template_and_matches_one_mlflow_m
     check_store(f"sqlite:///{tmp_path / 'first.db'}")
     [template] = (tmp_path / "cache" / "artefact-sweeps").glob("mlflow-*-empty.db")
     copied = tmp_path / "copied.db"
-    check_store(f"sqlite:///{copied}")
+    with monkeypatch.context() as no_migrations:  # so only a copy can make this store
+        no_migrations.setattr(mlflow.store.db.utils, "_initialize_tables", _no_migrations)
+        check_store(f"sqlite:///{copied}")
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(template))  # a file: no cache, so MLflow makes the store
     made = tmp_path / "made.db"
@@ -85,3 +97,18 @@ def test_a_new_store_is_copied_from_a_migrated_template_and_matches_one_mlflow_m
     assert trial_histories(sweep) == {"t1": [{"epoch": 1.0, "val/miou_fine": 0.5}]}
     check_store(f"sqlite:///{copied}")  # an existing store is opened, never replaced
     assert list(trial_histories(sweep)) == ["t1"]
+
+
+def test_a_damaged_template_is_rebuilt_and_the_store_still_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    check_store(f"sqlite:///{tmp_path / 'first.db'}")
+    [template] = (tmp_path / "cache" / "artefact-sweeps").glob("mlflow-*-empty.db")
+    template.write_bytes(b"SQLite format 3\x00" + bytes(4000))  # a header, then nothing usable
+
+    check_store(f"sqlite:///{tmp_path / 'second.db'}")
+    assert _schema(tmp_path / "second.db") == _schema(tmp_path / "first.db")
+    assert _schema(template)[-1] == _schema(tmp_path / "first.db")[-1]  # rebuilt: the schema version is back
+    assert sorted(p.name for p in template.parent.iterdir()) == [template.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "first.db", "second.db"]

@@ -4,6 +4,9 @@ Each image column is the ``datasets`` Image feature: a struct ``{bytes, path}``.
 are read one row group and one image column at a time, and the encoded images are kept as
 zero-copy buffers: a 200 MP image costs its encoded bytes twice while it is read (page
 by page, ``parquet_pages``) and its encoded bytes plus its decoded pixels while it decodes.
+A column the page reader cannot read (Hadoop-framed LZ4, or damaged) is read by Arrow,
+which holds about four copies of a large image while it reads it, and which names what is
+wrong with a damaged shard.
 """
 
 from __future__ import annotations

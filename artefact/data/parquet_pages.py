@@ -34,6 +34,9 @@ CODECS = {
     "ZSTD": "zstd",
     "LZ4_RAW": "lz4_raw",
 }
+MAX_HEADER_DEPTH = 8
+"""Page headers nest three structs deep (header, data page header, statistics); a deeper
+header is damaged, and reading it would end in a RecursionError."""
 MAX_HEADER_ITEMS = 1 << 16
 """Page headers hold short statistics and no long lists: beyond this, the header is damaged."""
 # Thrift compact protocol type codes (https://github.com/apache/thrift, compact protocol spec)
@@ -82,7 +85,9 @@ class _Thrift:
         value = self.varint()
         return (value >> 1) ^ -(value & 1)
 
-    def value(self, kind: int):
+    def value(self, kind: int, depth: int):
+        if depth > MAX_HEADER_DEPTH:
+            raise UnsupportedLayout("page header values nested too deep: the header is damaged")
         if kind in (_TRUE, _FALSE):
             return self._byte() == _TRUE  # inside a list; a struct field's bool is in its header
         if kind == _BYTE:
@@ -96,16 +101,16 @@ class _Thrift:
         if kind in (_LIST, _SET):
             header = self._byte()
             size = header >> 4 if header >> 4 != 15 else self.length()
-            return [self.value(header & 0x0F) for _ in range(size)]
+            return [self.value(header & 0x0F, depth + 1) for _ in range(size)]
         if kind == _MAP:
             size = self.length()
             kinds = self._byte() if size else 0
-            return [(self.value(kinds >> 4), self.value(kinds & 0x0F)) for _ in range(size)]
+            return [(self.value(kinds >> 4, depth + 1), self.value(kinds & 0x0F, depth + 1)) for _ in range(size)]
         if kind == _STRUCT:
-            return self.struct()
+            return self.struct(depth + 1)
         raise UnsupportedLayout(f"Thrift type {kind} in a page header")
 
-    def struct(self) -> dict[int, object]:
+    def struct(self, depth: int = 0) -> dict[int, object]:
         fields: dict[int, object] = {}
         field_id = 0
         while True:
@@ -114,7 +119,7 @@ class _Thrift:
                 return fields
             kind, delta = header & 0x0F, header >> 4
             field_id = field_id + delta if delta else self.zigzag()
-            fields[field_id] = kind == _TRUE if kind in (_TRUE, _FALSE) else self.value(kind)
+            fields[field_id] = kind == _TRUE if kind in (_TRUE, _FALSE) else self.value(kind, depth)
 
 
 def _hybrid(data: memoryview, bit_width: int, count: int) -> np.ndarray:
@@ -232,25 +237,29 @@ def _pages(stream: BinaryIO, end: int, most_bytes: int, codec: pa.Codec | None) 
         if kind == INDEX_PAGE:
             stream.seek(compressed, 1)
             continue
-        body = _read_page(stream, compressed)
-        if kind == DATA_PAGE:
-            count, encoding, level_encoding = _ints(header.get(5), 1, 2, 3)
-            yield Page(kind, count, encoding, b"", 0, level_encoding, _decompress(codec, body, uncompressed))
-        elif kind == DICTIONARY_PAGE:
-            count, encoding = _ints(header.get(7), 1, 2)
-            yield Page(kind, count, encoding, b"", 0, RLE, _decompress(codec, body, uncompressed))
-        elif kind == DATA_PAGE_V2:  # levels are never compressed, and the values may not be
-            v2 = header.get(8)
-            count, encoding, definition, repetition = _ints(v2, 1, 4, 5, 6)
-            if definition + repetition > compressed:
-                raise UnsupportedLayout(f"levels of {definition + repetition} bytes in a page of {compressed}")
-            levels = body.slice(0, definition + repetition).to_pybytes()
-            body = body.slice(len(levels))
-            if v2.get(7, True) is not False:
-                body = _decompress(codec, body, uncompressed - len(levels))
-            yield Page(kind, count, encoding, levels, repetition, RLE, body)
-        else:
-            raise UnsupportedLayout(f"page type {kind}")
+        # No local name holds the compressed page: it is freed once decompressed, not kept
+        # alive while the caller reads the next page.
+        yield _page(kind, header, _read_page(stream, compressed), uncompressed, codec)
+
+
+def _page(kind: int, header: dict, body: pa.Buffer, uncompressed: int, codec: pa.Codec | None) -> Page:
+    if kind == DATA_PAGE:
+        count, encoding, level_encoding = _ints(header.get(5), 1, 2, 3)
+        return Page(kind, count, encoding, b"", 0, level_encoding, _decompress(codec, body, uncompressed))
+    if kind == DICTIONARY_PAGE:
+        count, encoding = _ints(header.get(7), 1, 2)
+        return Page(kind, count, encoding, b"", 0, RLE, _decompress(codec, body, uncompressed))
+    if kind == DATA_PAGE_V2:  # levels are never compressed, and the values may not be
+        v2 = header.get(8)
+        count, encoding, definition, repetition = _ints(v2, 1, 4, 5, 6)
+        if definition + repetition > body.size:
+            raise UnsupportedLayout(f"levels of {definition + repetition} bytes in a page of {body.size}")
+        levels = body.slice(0, definition + repetition).to_pybytes()
+        values = body.slice(len(levels))
+        if v2.get(7, True) is not False:
+            values = _decompress(codec, values, uncompressed - len(levels))
+        return Page(kind, count, encoding, levels, repetition, RLE, values)
+    raise UnsupportedLayout(f"page type {kind}")
 
 
 def _decompress(codec: pa.Codec | None, body: pa.Buffer, size: int) -> pa.Buffer:
@@ -262,15 +271,18 @@ def _page_values(page: Page, dictionary: list[pa.Buffer], max_level: int) -> lis
     position = 0
     if not max_level:
         defined = np.full(page.values, True)
-    elif page.kind == DATA_PAGE_V2:
-        defined = _hybrid(memoryview(page.levels)[page.level_offset :], max_level.bit_length(), page.values)
-        defined = defined == max_level
-    elif page.level_encoding == RLE:
-        (length,) = struct.unpack_from("<I", page.body, 0)
-        defined = _hybrid(memoryview(page.body)[4 : 4 + length], max_level.bit_length(), page.values) == max_level
-        position = 4 + length
     else:
-        raise UnsupportedLayout(f"definition level encoding {page.level_encoding}")
+        if page.kind == DATA_PAGE_V2:
+            levels = _hybrid(memoryview(page.levels)[page.level_offset :], max_level.bit_length(), page.values)
+        elif page.level_encoding == RLE:
+            (length,) = struct.unpack_from("<I", page.body, 0)
+            levels = _hybrid(memoryview(page.body)[4 : 4 + length], max_level.bit_length(), page.values)
+            position = 4 + length
+        else:
+            raise UnsupportedLayout(f"definition level encoding {page.level_encoding}")
+        if levels.max(initial=0) > max_level:
+            raise UnsupportedLayout(f"definition levels above the column's {max_level}")
+        defined = levels == max_level
     count = int(defined.sum())
     if page.encoding == PLAIN:
         found = _plain_values(page.body, position, count)
