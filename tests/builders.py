@@ -23,6 +23,9 @@ from artefact.config import Config, from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+"""The ``datasets`` Image feature, as ARTeFACT shards hold their images and masks."""
+
 
 @dataclass
 class Row:
@@ -89,19 +92,18 @@ def write_parquet_by_hand(path: Path, rows: Sequence[Row], *, row_group_size: in
     struct's ``path`` is sometimes null and row groups hold several rows.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     table = pa.table(
         {
             "material": pa.array([r.material for r in rows], pa.string()),
             "annotation": pa.array(
                 [{"bytes": png_bytes(r.mask), "path": None} for r in rows],
-                image_type,
+                IMAGE_STRUCT,
             ),
             "id": pa.array([r.id for r in rows], pa.string()),
             "content": pa.array([r.content for r in rows], pa.string()),
             "image": pa.array(
                 [{"bytes": png_bytes(r.image), "path": f"{r.id}.png"} for r in rows],
-                image_type,
+                IMAGE_STRUCT,
             ),
             "notes": pa.array([f"note {i}" for i in range(len(rows))], pa.string()),
         }

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from builders import random_rows, write_parquet_by_hand
+from builders import IMAGE_STRUCT, random_rows, write_parquet_by_hand
 
 from artefact.data.parquet import read_parquet
 from artefact.data.parquet_pages import (
@@ -24,10 +24,10 @@ from artefact.data.parquet_pages import (
     UnsupportedLayout,
     _page_values,
     _pages,
+    leaf_index,
     read_binary_column,
 )
 
-IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 LAYOUTS = list(
     itertools.product(
         ["NONE", "SNAPPY", "GZIP", "ZSTD", "BROTLI"],  # codecs
@@ -51,10 +51,6 @@ def _cells(count: int = 40) -> list[dict | None]:
 
 def _codec(name: str) -> pa.Codec | None:
     return None if name == "NONE" else pa.Codec(name.lower())
-
-
-def _leaf(metadata: pq.FileMetaData, path: str) -> int:
-    return [metadata.schema.column(i).path for i in range(metadata.num_columns)].index(path)
 
 
 def _arrow_cells(parquet: pq.ParquetFile, group: int) -> list[bytes | None]:
@@ -81,14 +77,14 @@ def test_every_writer_layout_reads_back_as_arrow_reads_it(
     )
     parquet = pq.ParquetFile(path)
     if values == "dictionary-then-plain":
-        chunk = parquet.metadata.row_group(0).column(_leaf(parquet.metadata, "image.bytes"))
+        chunk = parquet.metadata.row_group(0).column(leaf_index(parquet.metadata, "image.bytes"))
         with path.open("rb") as stream:
             stream.seek(chunk.dictionary_page_offset)
             end = chunk.dictionary_page_offset + chunk.total_compressed_size
             pages = list(_pages(stream, end, chunk.total_uncompressed_size, _codec(codec)))
         assert {page.encoding for page in pages if page.kind != DICTIONARY_PAGE} == {PLAIN, RLE_DICTIONARY}
     for group in range(parquet.num_row_groups):
-        cells = read_binary_column(path, parquet.metadata, group, _leaf(parquet.metadata, "image.bytes"))
+        cells = read_binary_column(path, parquet.metadata, group, leaf_index(parquet.metadata, "image.bytes"))
         assert [None if cell is None else cell.to_pybytes() for cell in cells] == _arrow_cells(parquet, group)
 
 
@@ -100,7 +96,7 @@ def test_a_layout_it_does_not_read_is_read_by_arrow(tmp_path: Path) -> None:
     pq.write_table(pq.read_table(shard), shard, compression="LZ4", row_group_size=2)
     metadata = pq.ParquetFile(shard).metadata
     with pytest.raises(UnsupportedLayout, match="codec LZ4"):
-        read_binary_column(shard, metadata, 0, _leaf(metadata, "image.bytes"))
+        read_binary_column(shard, metadata, 0, leaf_index(metadata, "image.bytes"))
     samples = list(read_parquet(tmp_path / "pq"))
     assert [s.id for s in samples] == [r.id for r in rows]
     assert all(np.array_equal(np.asarray(s.mask), r.mask) for s, r in zip(samples, rows, strict=True))

@@ -10,15 +10,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from builders import Row, random_rows, write_folder, write_parquet_by_hand
+from builders import IMAGE_STRUCT, Row, random_rows, write_folder, write_parquet_by_hand
 from PIL import Image
 
 from artefact.data.folder import FolderWriter, read_folder
 from artefact.data.parquet import ParquetWriter, _encoded_images, read_parquet, shard_paths
 from artefact.data.prepare import read_source
 from artefact.errors import UserError
-
-IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
 def _same(sample, row: Row) -> None:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from artefact.data.parquet_pages import UNREADABLE, read_binary_column
+from artefact.data.parquet_pages import UNREADABLE, leaf_index, read_binary_column
 from artefact.data.sample import DEFAULT_MAX_PIXELS, Sample, check_id, open_image
 from artefact.errors import UserError
 
@@ -88,20 +88,19 @@ def _is_image_struct(kind: pa.DataType) -> bool:
 
 def _rows(shard: Path, parquet: pq.ParquetFile) -> Iterator[dict]:
     """Rows with each image cell as a buffer (or None), one row group at a time."""
+    leaves = {column: leaf_index(parquet.metadata, f"{column}.bytes") for column in IMAGE_COLUMNS}
     for group in range(parquet.num_row_groups):
         rows = parquet.read_row_group(group, columns=list(TEXT_COLUMNS), use_threads=False).to_pylist()
-        for column in IMAGE_COLUMNS:
-            for row, cell in zip(rows, _image_cells(shard, parquet, group, column), strict=True):
+        for column, leaf in leaves.items():
+            for row, cell in zip(rows, _image_cells(shard, parquet, group, column, leaf), strict=True):
                 row[column] = cell if cell is not None and cell.size else None
         yield from rows
 
 
-def _image_cells(shard: Path, parquet: pq.ParquetFile, group: int, column: str) -> list[pa.Buffer | None]:
+def _image_cells(shard: Path, parquet: pq.ParquetFile, group: int, column: str, leaf: int) -> list[pa.Buffer | None]:
     """One image column's encoded images in one row group, read page by page (Arrow reads the
     layouts the page reader does not). The reader's scratch memory goes back to the OS
     before any image is decoded: the allocator would otherwise keep it."""
-    schema = parquet.metadata.schema
-    leaf = [schema.column(i).path for i in range(len(schema))].index(f"{column}.bytes")
     try:
         cells = read_binary_column(shard, parquet.metadata, group, leaf)
     except UNREADABLE:

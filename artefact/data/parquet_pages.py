@@ -192,6 +192,11 @@ def _ints(fields: object, *ids: int) -> list[int]:
     return [fields[i] for i in ids]
 
 
+def leaf_index(metadata: pq.FileMetaData, path: str) -> int:
+    """The column number of a leaf such as ``image.bytes``, as ``read_binary_column`` takes it."""
+    return [metadata.schema.column(i).path for i in range(metadata.num_columns)].index(path)
+
+
 def read_binary_column(path: Path, metadata: pq.FileMetaData, row_group: int, column: int) -> list[pa.Buffer | None]:
     """Every row's value of one BYTE_ARRAY leaf column in one row group (None where null).
 
