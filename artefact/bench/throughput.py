@@ -4,8 +4,11 @@ Train), the data pipeline alone, and the GPU's model FLOP utilisation (MFU)."""
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
+import queue
+import signal
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -116,6 +119,10 @@ RAY_TRAIN_PATIENCE_S = 300.0
 driver waited in ``ray.get`` for 210 s, then 230 s, with the GPU in the cluster's resources); past this
 the row is reported as failed, with the end of Ray's logs, and the benchmark goes on."""
 
+RAY_START_PATIENCE_S = 180.0
+"""Starting the driver process and Ray takes about 15 s on 2 cores; this is for a machine that
+cannot start Ray at all."""
+
 
 class RayTrainFailed(RuntimeError):
     """The Ray Train row did not finish; the message holds the end of Ray's logs."""
@@ -123,14 +130,55 @@ class RayTrainFailed(RuntimeError):
 
 def ray_train_speed(cfg: Config, cache: Path, steps: int, cpus: int, patience_s: float = RAY_TRAIN_PATIENCE_S) -> float:
     """Our training loop under Ray Train, one worker holding ``cpus`` CPUs (the whole machine,
-    as the in-process run has), on a local cluster started and stopped here."""
+    as the in-process run has), on a local cluster started and stopped here.
+
+    Ray is driven from a child process in a session of its own, so a stalled row ends with the
+    whole session killed. A driver thread left waiting in this process would, once
+    ``ray.shutdown`` ran, touch Ray's shut-down core worker, and Ray then ends the whole
+    process: the benchmark would die in a later item (seen in CI)."""
+    spawn = multiprocessing.get_context("spawn")  # CUDA may already be initialised here
+    messages = spawn.Queue()
+    # Made and removed here: a killed driver cannot clean up after itself.
+    with tempfile.TemporaryDirectory(prefix="artefact-perf-ray-", ignore_cleanup_errors=True) as storage:
+        driver = spawn.Process(
+            target=_drive_ray_train, args=(cfg, cache, steps, cpus, Path(storage), messages), name="ray-train-row"
+        )
+        driver.start()
+        logs, kind = None, "failed"
+        try:
+            kind, value = _next_message(driver, messages, RAY_START_PATIENCE_S, "starting Ray")
+            if kind == "logs":
+                logs = Path(value)
+                kind, value = _next_message(driver, messages, patience_s, "training")
+            if kind == "result":
+                return value
+            raise RayTrainFailed(f"Ray Train did not finish ({value}). The end of Ray's logs:\n{_log_tails(logs)}")
+        finally:
+            _end_driver(driver, shutdown_s=60 if kind in ("result", "error") else 0)
+
+
+def _next_message(driver, messages, patience_s: float, doing: str) -> tuple[str, object]:
+    """The driver's next message; ``("failed", why)`` if it died or stayed silent too long."""
+    deadline = time.monotonic() + patience_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            return messages.get(timeout=min(left, 1.0))
+        except queue.Empty:
+            if not driver.is_alive():
+                return "failed", f"its driver process exited with code {driver.exitcode} while {doing}"
+    return "failed", f"no result after {patience_s:.0f} s of {doing}"
+
+
+def _drive_ray_train(cfg: Config, cache: Path, steps: int, cpus: int, storage: Path, messages) -> None:
+    """The child process: a session of its own (Ray's processes stay in it), Ray's log folder
+    sent first, then the measured img/s or the error."""
+    os.setsid()
     import ray
 
     from artefact.distributed import build_trainer
 
-    gpus = cfg.resources.gpus_per_worker
     run_cfg = measured_config(cfg, cache, steps).replace(
-        resources={"workers_per_trial": 1, "cpus_per_worker": cpus, "gpus_per_worker": gpus}
+        resources={"workers_per_trial": 1, "cpus_per_worker": cpus, "gpus_per_worker": cfg.resources.gpus_per_worker}
     )
     context = ray.init(
         num_cpus=cpus,
@@ -140,33 +188,49 @@ def ray_train_speed(cfg: Config, cache: Path, steps: int, cpus: int, patience_s:
         logging_level="WARNING",
         log_to_driver=False,
     )
-    logs = Path(context.address_info["session_dir"]) / "logs"
+    messages.put(("logs", str(Path(context.address_info["session_dir"]) / "logs")))
     try:
-        # A stalled run may still be writing there when the row gives up.
-        with tempfile.TemporaryDirectory(prefix="artefact-perf-ray-", ignore_cleanup_errors=True) as storage:
-            trainer = build_trainer(run_cfg, cache, Path(storage), "perf", sweep=None)
-            outcome: dict[str, object] = {}
-
-            def fit() -> None:
-                try:
-                    outcome["result"] = trainer.fit()
-                except Exception as error:  # reported below, with Ray's logs
-                    outcome["error"] = error
-
-            fitting = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
-            fitting.start()
-            fitting.join(patience_s)
-            if "result" not in outcome:
-                why = outcome.get("error") or f"no result after {patience_s:.0f} s"
-                raise RayTrainFailed(f"Ray Train did not finish ({why}). The end of Ray's logs:\n{_log_tails(logs)}")
-        return outcome["result"].metrics["perf/img_per_s"]
+        result = build_trainer(run_cfg, cache, storage, "perf", sweep=None).fit()
+        messages.put(("result", result.metrics["perf/img_per_s"]))
+    except Exception as error:  # reported by the parent, with Ray's logs
+        messages.put(("error", f"{type(error).__name__}: {error}"))
     finally:
         ray.shutdown()
 
 
-def _log_tails(logs: Path, lines: int = 12, limit: int = 6000) -> str:
+def _end_driver(driver, shutdown_s: float) -> None:
+    """Give a driver that answered ``shutdown_s`` to stop Ray and exit, then SIGKILL what is
+    left in its session and reap it."""
+    driver.join(shutdown_s)
+    deadline = time.monotonic() + 10
+    while _kill_session(driver.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    driver.kill()  # in case it had not yet made its session
+    driver.join()
+    driver.close()
+
+
+def _kill_session(session: int) -> int:
+    """SIGKILL the live processes of ``session``; how many there were. Ray's workers make
+    process groups of their own but stay in the session, so a process-group kill misses them
+    (seen here: a worker left running after its raylet was killed)."""
+    killed = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _parent, _group, owner = stat.read_text().rsplit(")", 1)[1].split()[:4]
+            if int(owner) == session and state != "Z":
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+                killed += 1
+        except (OSError, ValueError):  # gone meanwhile
+            pass
+    return killed
+
+
+def _log_tails(logs: Path | None, lines: int = 12, limit: int = 6000) -> str:
     """The last lines of every Ray log that holds something: the workers' and actors' stderr
     (Ray Train's own messages among them) and the raylet's."""
+    if logs is None:
+        return "(none: Ray did not start)"
     parts = []
     for path in [*sorted(logs.glob("*.err")), logs / "raylet.out"]:
         if path.is_file() and path.stat().st_size:
