@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -140,7 +142,7 @@ from artefact.config import Config
 
 cfg = Config().replace(data={"resolution": 64}, model={"encoder": "tu-test_convnext"})
 try:
-    ray_train_speed(cfg, Path(sys.argv[1]), steps=2, cpus=2, patience_s=1)
+    ray_train_speed(cfg, Path(sys.argv[1]), steps=int(sys.argv[3]), cpus=2, patience_s=float(sys.argv[4]))
 except RayTrainFailed as failure:
     time.sleep(5)  # the benchmark goes on to its next item: it must live through it
     print(failure)
@@ -153,7 +155,7 @@ except RayTrainFailed as failure:
 def test_a_ray_train_row_that_does_not_finish_is_reported_with_rays_logs(tmp_path: Path, synthetic_cache: Path) -> None:
     """On a lent H100 the Ray Train row never finished; the benchmark must say so and show why."""
     done = subprocess.run(
-        [sys.executable, "-c", STALLED_RAY_TRAIN, str(synthetic_cache), str(tmp_path / "token")],
+        [sys.executable, "-c", STALLED_RAY_TRAIN, str(synthetic_cache), str(tmp_path / "token"), "2", "1"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -163,19 +165,56 @@ def test_a_ray_train_row_that_does_not_finish_is_reported_with_rays_logs(tmp_pat
     assert "Ray Train did not finish (no result after 1 s of training). The end of Ray's logs:" in done.stdout
     assert "--- raylet.out" in done.stdout
     # Nothing of the stalled row lives on: each of Ray's processes carried this token path.
-    marker = f"RAY_AUTH_TOKEN_PATH={(tmp_path / 'token').resolve()}".encode()
-    deadline = time.monotonic() + 30
-    while (left_running := _processes_whose_environment_holds(marker)) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    assert not _left_running(_token_marker(tmp_path / "token"))
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_benchmark_killed_mid_row_leaves_no_ray_process_behind(tmp_path: Path, synthetic_cache: Path) -> None:
+    """The row's driver leaves the benchmark's process group, so a CI timeout that kills the
+    benchmark does not reach it: it must die with the benchmark, and Ray with it."""
+    marker = _token_marker(tmp_path / "token")
+    benchmark = subprocess.Popen(
+        [sys.executable, "-c", STALLED_RAY_TRAIN, str(synthetic_cache), str(tmp_path / "token"), "100000", "600"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not any("raylet" in command for command in _processes_whose_environment_holds(marker).values()):
+            assert benchmark.poll() is None and time.monotonic() < deadline, "Ray never started"
+            time.sleep(0.5)
+    finally:
+        benchmark.kill()
+        benchmark.wait()
+    left_running = _left_running(marker)
+    for pid in left_running:  # not to disturb the tests after this one
+        os.kill(pid, signal.SIGKILL)
     assert not left_running
 
 
-def _processes_whose_environment_holds(entry: bytes) -> list[str]:
-    found = []
+def _token_marker(token: Path) -> bytes:
+    """Every process of a sweep's or benchmark's Ray cluster carries its token path."""
+    return f"RAY_AUTH_TOKEN_PATH={token.resolve()}".encode()
+
+
+def _left_running(marker: bytes, patience_s: float = 20) -> dict[int, str]:
+    """The processes still carrying ``marker`` once they have had ``patience_s`` to exit."""
+    deadline = time.monotonic() + patience_s
+    while (found := _processes_whose_environment_holds(marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return found
+
+
+def _processes_whose_environment_holds(entry: bytes) -> dict[int, str]:
+    """pid -> command line."""
+    found = {}
     for environ in Path("/proc").glob("[0-9]*/environ"):
         try:
             if entry in environ.read_bytes().split(b"\0"):
-                found.append((environ.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+                command = (environ.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+                found[int(environ.parent.name)] = command.decode(errors="replace")
         except OSError:  # gone meanwhile
             pass
     return found

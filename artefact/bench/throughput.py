@@ -9,8 +9,12 @@ import os
 import queue
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from multiprocessing.connection import wait
+from multiprocessing.context import SpawnProcess
+from multiprocessing.queues import Queue
 from pathlib import Path
 
 import torch
@@ -141,7 +145,9 @@ def ray_train_speed(cfg: Config, cache: Path, steps: int, cpus: int, patience_s:
     # Made and removed here: a killed driver cannot clean up after itself.
     with tempfile.TemporaryDirectory(prefix="artefact-perf-ray-", ignore_cleanup_errors=True) as storage:
         driver = spawn.Process(
-            target=_drive_ray_train, args=(cfg, cache, steps, cpus, Path(storage), messages), name="ray-train-row"
+            target=_drive_ray_train,
+            args=(cfg, cache, steps, cpus, Path(storage), messages),
+            name="ray-train-row",
         )
         driver.start()
         logs, kind = None, "failed"
@@ -150,29 +156,37 @@ def ray_train_speed(cfg: Config, cache: Path, steps: int, cpus: int, patience_s:
             if kind == "logs":
                 logs = Path(value)
                 kind, value = _next_message(driver, messages, patience_s, "training")
-            if kind == "result":
-                return value
-            raise RayTrainFailed(f"Ray Train did not finish ({value}). The end of Ray's logs:\n{_log_tails(logs)}")
         finally:
-            _end_driver(driver, shutdown_s=60 if kind in ("result", "error") else 0)
+            exitcode = _end_driver(driver, shutdown_s=60 if kind in ("result", "error") else 0)
+    if kind == "result":
+        return value
+    if kind == "exited":
+        value = f"its driver process exited with code {exitcode} while {value}"
+    raise RayTrainFailed(f"Ray Train did not finish ({value}). The end of Ray's logs:\n{_log_tails(logs)}")
 
 
-def _next_message(driver, messages, patience_s: float, doing: str) -> tuple[str, object]:
-    """The driver's next message; ``("failed", why)`` if it died or stayed silent too long."""
+def _next_message(driver: SpawnProcess, messages: Queue, patience_s: float, doing: str) -> tuple[str, object]:
+    """The driver's next message; ``("exited", doing)`` if it died without one, ``("failed",
+    why)`` if it stayed silent too long. A dead driver is not reaped here, so its pid (the
+    session id that ``_end_driver`` kills) cannot be reused meanwhile."""
     deadline = time.monotonic() + patience_s
     while (left := deadline - time.monotonic()) > 0:
         try:
             return messages.get(timeout=min(left, 1.0))
         except queue.Empty:
-            if not driver.is_alive():
-                return "failed", f"its driver process exited with code {driver.exitcode} while {doing}"
+            if wait([driver.sentinel], timeout=0):
+                try:  # a message sent just before it exited
+                    return messages.get(timeout=1.0)
+                except queue.Empty:
+                    return "exited", doing
     return "failed", f"no result after {patience_s:.0f} s of {doing}"
 
 
-def _drive_ray_train(cfg: Config, cache: Path, steps: int, cpus: int, storage: Path, messages) -> None:
+def _drive_ray_train(cfg: Config, cache: Path, steps: int, cpus: int, storage: Path, messages: Queue) -> None:
     """The child process: a session of its own (Ray's processes stay in it), Ray's log folder
     sent first, then the measured img/s or the error."""
     os.setsid()
+    _die_with_the_benchmark()
     import ray
 
     from artefact.distributed import build_trainer
@@ -198,27 +212,48 @@ def _drive_ray_train(cfg: Config, cache: Path, steps: int, cpus: int, storage: P
         ray.shutdown()
 
 
-def _end_driver(driver, shutdown_s: float) -> None:
+def _die_with_the_benchmark() -> None:
+    """Out of the benchmark's process group, the driver and Ray would outlive a benchmark killed
+    from outside (a CI timeout). A thread waits for the benchmark's end and then kills this
+    session; Ray's own fate sharing (the kernel's parent-death signal) left the dashboard agent
+    running here for more than a minute."""
+
+    def watch() -> None:
+        wait([multiprocessing.parent_process().sentinel])
+        _kill_session(os.getsid(0), sparing=os.getpid())
+        os._exit(1)
+
+    threading.Thread(target=watch, name="benchmark-watch", daemon=True).start()
+
+
+def _end_driver(driver: SpawnProcess, shutdown_s: float) -> int | None:
     """Give a driver that answered ``shutdown_s`` to stop Ray and exit, then SIGKILL what is
-    left in its session and reap it."""
-    driver.join(shutdown_s)
-    deadline = time.monotonic() + 10
-    while _kill_session(driver.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    left in its session, reap it and return its exit code."""
+    wait([driver.sentinel], timeout=shutdown_s)  # not reaped yet: its session id stays its own
+    _kill_session(driver.pid)
     driver.kill()  # in case it had not yet made its session
     driver.join()
+    exitcode = driver.exitcode
     driver.close()
+    return exitcode
 
 
-def _kill_session(session: int) -> int:
-    """SIGKILL the live processes of ``session``; how many there were. Ray's workers make
-    process groups of their own but stay in the session, so a process-group kill misses them
-    (seen here: a worker left running after its raylet was killed)."""
+def _kill_session(session: int, sparing: int | None = None, within_s: float = 10) -> None:
+    """SIGKILL the live processes of ``session`` but ``sparing``, again until none is left (a
+    raylet may start a worker meanwhile). Ray's workers make process groups of their own but
+    stay in the session, so a process-group kill misses them (seen here: a worker left running
+    after its raylet was killed)."""
+    deadline = time.monotonic() + within_s
+    while _kill_session_once(session, sparing) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def _kill_session_once(session: int, sparing: int | None) -> int:
     killed = 0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            state, _parent, _group, owner = stat.read_text().rsplit(")", 1)[1].split()[:4]
-            if int(owner) == session and state != "Z":
+            state, _parent, _group, session_id = stat.read_text().rsplit(")", 1)[1].split()[:4]
+            if int(session_id) == session and state != "Z" and int(stat.parent.name) != sparing:
                 os.kill(int(stat.parent.name), signal.SIGKILL)
                 killed += 1
         except (OSError, ValueError):  # gone meanwhile
