@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,8 +165,8 @@ def test_a_ray_train_row_that_does_not_finish_is_reported_with_rays_logs(tmp_pat
     assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
     assert "Ray Train did not finish (no result after 1 s of training). The end of Ray's logs:" in done.stdout
     assert "--- raylet.out" in done.stdout
-    # Nothing of the stalled row lives on: each of Ray's processes carried this token path.
-    assert not _left_running(_token_marker(tmp_path / "token"))
+    # Nothing of the stalled row lives on.
+    assert not _left_running(tmp_path / "token")
 
 
 @pytest.mark.slow
@@ -173,48 +174,41 @@ def test_a_ray_train_row_that_does_not_finish_is_reported_with_rays_logs(tmp_pat
 def test_a_benchmark_killed_mid_row_leaves_no_ray_process_behind(tmp_path: Path, synthetic_cache: Path) -> None:
     """The row's driver leaves the benchmark's process group, so a CI timeout that kills the
     benchmark does not reach it: it must die with the benchmark, and Ray with it."""
-    marker = _token_marker(tmp_path / "token")
+    token = tmp_path / "token"
     benchmark = subprocess.Popen(
-        [sys.executable, "-c", STALLED_RAY_TRAIN, str(synthetic_cache), str(tmp_path / "token"), "100000", "600"],
+        [sys.executable, "-c", STALLED_RAY_TRAIN, str(synthetic_cache), str(token), "100000", "600"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=REPO,
     )
     try:
         deadline = time.monotonic() + 180
-        while not any("raylet" in command for command in _processes_whose_environment_holds(marker).values()):
+        while not any("raylet" in command for command in _ray_processes(token).values()):
             assert benchmark.poll() is None and time.monotonic() < deadline, "Ray never started"
             time.sleep(0.5)
     finally:
         benchmark.kill()
         benchmark.wait()
-    left_running = _left_running(marker)
+    left_running = _left_running(token)
     for pid in left_running:  # not to disturb the tests after this one
         os.kill(pid, signal.SIGKILL)
     assert not left_running
 
 
-def _token_marker(token: Path) -> bytes:
-    """Every process of a sweep's or benchmark's Ray cluster carries its token path."""
-    return f"RAY_AUTH_TOKEN_PATH={token.resolve()}".encode()
-
-
-def _left_running(marker: bytes, patience_s: float = 20) -> dict[int, str]:
-    """The processes still carrying ``marker`` once they have had ``patience_s`` to exit."""
+def _left_running(token: Path, patience_s: float = 20) -> dict[int, str]:
+    """The Ray processes still running once they have had ``patience_s`` to exit."""
     deadline = time.monotonic() + patience_s
-    while (found := _processes_whose_environment_holds(marker)) and time.monotonic() < deadline:
+    while (found := _ray_processes(token)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return found
 
 
-def _processes_whose_environment_holds(entry: bytes) -> dict[int, str]:
-    """pid -> command line."""
-    found = {}
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if entry in environ.read_bytes().split(b"\0"):
-                command = (environ.parent / "cmdline").read_bytes().replace(b"\0", b" ")
-                found[int(environ.parent.name)] = command.decode(errors="replace")
-        except OSError:  # gone meanwhile
-            pass
-    return found
+def _ray_processes(token: Path) -> dict[int, str]:
+    """pid -> command line of the processes of the Ray cluster that uses ``token``: each of
+    them carries its path in its environment."""
+    path = str(token.resolve())
+    return {
+        process.pid: " ".join(process.info["cmdline"] or [])
+        for process in psutil.process_iter(["cmdline", "environ"])
+        if (process.info["environ"] or {}).get("RAY_AUTH_TOKEN_PATH") == path
+    }
