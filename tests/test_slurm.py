@@ -49,16 +49,24 @@ def job_fields(job: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", shown.stdout))
 
 
+REQUEUE_DELAY_S = 5
+"""slurmd revokes a requeued job's credential with one-second resolution, so a new start in
+the same second fails ("Job credential revoked", seen in CI); SLURM's own delay is 2 minutes."""
+
+
 def wait_for_job(job: str, timeout: float, until=lambda fields: fields["JobState"] in FINISHED) -> dict[str, str]:
-    """Poll scontrol (sbatch --wait polls slowly); a requeued job is made eligible at once
-    instead of after SLURM's two-minute requeue delay."""
+    """Poll scontrol (sbatch --wait polls slowly); a requeued job is made eligible after
+    ``REQUEUE_DELAY_S`` instead of SLURM's two-minute requeue delay."""
     deadline = time.monotonic() + timeout
+    requeued_at = None
     while True:
         fields = job_fields(job)
         if until(fields):
             return fields
         if fields["JobState"] == "PENDING" and fields.get("Reason") == "BeginTime":
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+            requeued_at = requeued_at or time.monotonic()
+            if time.monotonic() - requeued_at >= REQUEUE_DELAY_S:
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
         assert time.monotonic() < deadline, f"job {job} still {fields['JobState']} after {timeout} s"
         time.sleep(2)
 
