@@ -103,6 +103,18 @@ def kill_process_tree(process: subprocess.Popen) -> None:
     process.wait(timeout=30)
 
 
+def ray_cluster_processes(token_file: Path) -> dict[int, str]:
+    """pid -> command line of the processes of the one Ray cluster that uses ``token_file``:
+    each carries its path in its environment. Tests run two at a time, so a test must never
+    act on another test's Ray processes."""
+    path = str(token_file.resolve())
+    return {
+        process.pid: " ".join(process.info["cmdline"] or [])
+        for process in psutil.process_iter(["cmdline", "environ"])
+        if (process.info["environ"] or {}).get("RAY_AUTH_TOKEN_PATH") == path
+    }
+
+
 @dataclass
 class WatchedSweep:
     """A finished main job, and what its Ray dashboard's API answered while it ran."""

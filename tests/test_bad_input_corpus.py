@@ -27,7 +27,7 @@ def _flag_cases() -> list[tuple[str, list[str], str]]:
     for line in (CORPUS / "flags.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             command, _, expected = line.partition("  =>  ")
-            program, *arguments = shlex.split(command.replace("{free_port}", str(free_port())))
+            program, *arguments = shlex.split(command)
             cases.append((program, arguments, expected.strip()))
     return cases
 
@@ -78,6 +78,8 @@ def test_bad_config_file(profile: Path, workdir: Path, capsys, bad_input_tried) 
 
 @pytest.mark.parametrize(("program", "arguments", "expected"), FLAGS, ids=[" ".join(c[:2][1]) for c in FLAGS])
 def test_bad_flags(program: str, arguments: list[str], expected: str, workdir: Path, capsys, bad_input_tried) -> None:
+    # The port is picked now, not at collection: the test ids must be the same on every xdist worker.
+    arguments = [argument.replace("{free_port}", str(free_port())) for argument in arguments]
     try:
         code = _main_job(workdir, *arguments) if program == "encoder_bench" else cli.main(arguments)
     except SystemExit as exit:  # argparse's own refusals

@@ -17,13 +17,20 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from builders import free_port
 from mlflow.tracking import MlflowClient
-from sweep_helpers import REPO, bench_command, kill_process_tree, start_mlflow_server, sweep_runs
+from sweep_helpers import (
+    REPO,
+    bench_command,
+    kill_process_tree,
+    ray_cluster_processes,
+    start_mlflow_server,
+    sweep_runs,
+)
 
 from artefact.faults import FAULT_ENV
+from artefact.ray_env import sweep_token_file
 from artefact.tracking import REASON_TAG, RESUME_NOTE_TAG
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -280,13 +287,9 @@ def test_two_sweeps_into_one_server_keep_every_epoch_through_its_outage(
     fault_survived("two sweeps at once into one MLflow store")  # the same rows
 
 
-def _train_workers() -> set[int]:
-    """PIDs of the Ray Train worker processes running now."""
-    found = set()
-    for process in psutil.process_iter(["cmdline"]):
-        if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
-            found.add(process.pid)
-    return found
+def _train_workers(token_file: Path) -> set[int]:
+    """PIDs of the Ray Train worker processes of the sweep whose cluster uses ``token_file``."""
+    return {pid for pid, command in ray_cluster_processes(token_file).items() if "RayTrainWorker" in command}
 
 
 def test_a_killed_ray_train_worker_restarts_its_ddp_trial_from_its_checkpoint(
@@ -296,6 +299,7 @@ def test_a_killed_ray_train_worker_restarts_its_ddp_trial_from_its_checkpoint(
     SIGKILLed in epoch 2. Ray Train starts the workers again from the epoch-1 checkpoint,
     and the trial finishes in its one MLflow run, each epoch logged once."""
     store, results = tmp_path / "mlflow.db", tmp_path / "results"
+    token = sweep_token_file(results, "ddp")
     command = bench_command(
         results,
         synthetic_workspace,
@@ -309,16 +313,16 @@ def test_a_killed_ray_train_worker_restarts_its_ddp_trial_from_its_checkpoint(
     )
     try:
         deadline = time.monotonic() + 400
-        while _logged_epochs(f"sqlite:///{store}", "ddp") < 1 or len(_train_workers()) < 2:
+        while _logged_epochs(f"sqlite:///{store}", "ddp") < 1 or len(_train_workers(token)) < 2:
             assert process.poll() is None, process.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "the DDP trial logged no epoch in time"
             time.sleep(0.5)
-        before = _train_workers()
+        before = _train_workers(token)
         os.kill(max(before), signal.SIGKILL)
         assert _logged_epochs(f"sqlite:///{store}", "ddp") == 1, "epoch 2 ended before the kill"
         restarted: set[int] = set()
         while process.poll() is None and time.monotonic() < deadline + 300:
-            restarted |= _train_workers() - before
+            restarted |= _train_workers(token) - before
             time.sleep(0.5)
         stdout, stderr = process.communicate(timeout=60)
     finally:

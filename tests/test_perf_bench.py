@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+from sweep_helpers import ray_cluster_processes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -183,7 +183,7 @@ def test_a_benchmark_killed_mid_row_leaves_no_ray_process_behind(tmp_path: Path,
     )
     try:
         deadline = time.monotonic() + 180
-        while not any("raylet" in command for command in _ray_processes(token).values()):
+        while not any("raylet" in command for command in ray_cluster_processes(token).values()):
             assert benchmark.poll() is None and time.monotonic() < deadline, "Ray never started"
             time.sleep(0.5)
     finally:
@@ -198,17 +198,6 @@ def test_a_benchmark_killed_mid_row_leaves_no_ray_process_behind(tmp_path: Path,
 def _left_running(token: Path, patience_s: float = 20) -> dict[int, str]:
     """The Ray processes still running once they have had ``patience_s`` to exit."""
     deadline = time.monotonic() + patience_s
-    while (found := _ray_processes(token)) and time.monotonic() < deadline:
+    while (found := ray_cluster_processes(token)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return found
-
-
-def _ray_processes(token: Path) -> dict[int, str]:
-    """pid -> command line of the processes of the Ray cluster that uses ``token``: each of
-    them carries its path in its environment."""
-    path = str(token.resolve())
-    return {
-        process.pid: " ".join(process.info["cmdline"] or [])
-        for process in psutil.process_iter(["cmdline", "environ"])
-        if (process.info["environ"] or {}).get("RAY_AUTH_TOKEN_PATH") == path
-    }
