@@ -22,28 +22,69 @@ from builders import small_config  # noqa: E402
 torch.set_num_threads(1)
 
 
-BAD_INPUTS_TRIED: list[str] = []
-"""The kind of each bad input a test saw refused (bad_input_tried), for the summary line."""
+SHARED_SESSION_FIXTURES = ("default_sweep", "slurm")
+"""Session fixtures too costly, or too global, to build once per test worker: the default
+sweep (about a minute) and the one SLURM cluster the machine can run."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The suite runs on two workers (pytest-xdist, ``-n 2`` in pyproject.toml). The slow
+    tests go first so that both workers end together, and each test of a shared session
+    fixture goes to the one worker that builds it."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    for item in items:
+        for fixture in SHARED_SESSION_FIXTURES:
+            if fixture in item.fixturenames:
+                item.add_marker(pytest.mark.xdist_group(fixture))
+
+
+@pytest.hookimpl(tryfirst=True)  # before the fixtures are set up
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Fails a grouped test that xdist did not group, before its fixture starts: two workers
+    would each start a SLURM cluster on the same ports, and the second fail puzzlingly."""
+    if getattr(item.config.option, "loadgroup", False) and item.get_closest_marker("xdist_group"):
+        if "@" not in item.nodeid:
+            pytest.fail(
+                "pytest-xdist did not put this test in its group (pytest-xdist#1386, with pytest 9.2):"
+                " reinstall the dev dependencies (`pip install -e '.[dev]'`, which pins pytest<9.2)."
+            )
 
 
 @pytest.fixture
-def bad_input_tried():
+def bad_input_tried(request: pytest.FixtureRequest):
     """Call with the kind of bad input once the test has seen it refused properly."""
-    return BAD_INPUTS_TRIED.append
+    return lambda kind: request.node.user_properties.append(("bad_input_tried", kind))
 
+
+@pytest.fixture
+def fault_survived(request: pytest.FixtureRequest):
+    """Call with the scenario and the metric rows read back from MLflow, once all checks passed."""
+
+    def record(scenario: str, rows_read_back: int = 0) -> None:
+        request.node.user_properties.append(("fault_survived", (scenario, rows_read_back)))
+
+    return record
+
+
+BAD_INPUTS_TRIED: list[str] = []
+"""The kind of each bad input a test saw refused (bad_input_tried), for the summary line."""
 
 FAULTS_SURVIVED: dict[str, int] = {}
 """Each fault scenario a test saw survived, with the MLflow metric rows it read back (none lost)."""
 
 
-@pytest.fixture
-def fault_survived():
-    """Call with the scenario and the metric rows read back from MLflow, once all checks passed."""
-
-    def record(scenario: str, rows_read_back: int = 0) -> None:
-        FAULTS_SURVIVED[scenario] = FAULTS_SURVIVED.get(scenario, 0) + rows_read_back
-
-    return record
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Gathers what the tests recorded. Their properties travel with their reports, which
+    reach this process from the xdist workers as well."""
+    if report.when != "call" or not report.passed:
+        return
+    for name, value in report.user_properties:
+        if name == "bad_input_tried":
+            BAD_INPUTS_TRIED.append(value)
+        elif name == "fault_survived":
+            scenario, rows = value
+            FAULTS_SURVIVED[scenario] = FAULTS_SURVIVED.get(scenario, 0) + rows
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
