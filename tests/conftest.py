@@ -1,5 +1,6 @@
 """Shared fixtures: the built-in synthetic data set, prepared once per session, and the
-default sweep (the main job with no options), run once for every test that reads it.
+default sweep (the main job with no options), run once for every test that reads it. How the
+suite shares two pytest-xdist workers (pytest_collection_modifyitems).
 
 Torch runs single-threaded here. On the 2-core build machines, two intra-op threads that
 compete with any other load slowed a CPU epoch about 20x (12 s -> 254 s); one thread is
