@@ -44,12 +44,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Fails a grouped test that xdist did not group, before its fixture starts: two workers
     would each start a SLURM cluster on the same ports, and the second fail puzzlingly."""
-    if getattr(item.config.option, "loadgroup", False) and item.get_closest_marker("xdist_group"):
-        if "@" not in item.nodeid:
-            pytest.fail(
-                "pytest-xdist did not put this test in its group (pytest-xdist#1386, with pytest 9.2):"
-                " reinstall the dev dependencies (`pip install -e '.[dev]'`, which pins pytest<9.2)."
-            )
+    grouped = getattr(item.config.option, "loadgroup", False) and item.get_closest_marker("xdist_group")
+    if grouped and "@" not in item.nodeid:
+        pytest.fail(
+            "pytest-xdist did not put this test in its group (pytest-xdist#1386, with pytest 9.2):"
+            " reinstall the dev dependencies (`pip install -e '.[dev]'`, which pins pytest<9.2)."
+        )
 
 
 @pytest.fixture
