@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 import re
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from torch.utils.data import DataLoader
 from artefact import loop
 from artefact.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from artefact.config import Config
-from artefact.data.dataset import TrainDataset, ValDataset
+from artefact.data import dataset
+from artefact.data.dataset import ArrayStore, TrainDataset, ValDataset
 from artefact.data.prepare import PrepareParams, prepare, read_index
 from artefact.errors import UserError
 from artefact.faults import FAULT_ENV, planned_fault
@@ -226,6 +228,25 @@ def test_in_memory_store_serves_the_same_arrays(synthetic_cache: Path) -> None:
     for i in range(len(mapped)):
         for a, b in zip(mapped[i][:2], in_ram[i][:2], strict=True):
             assert torch.equal(a, b)
+
+
+def test_mapped_store_keeps_each_sample_open_within_a_bound(synthetic_cache: Path, monkeypatch) -> None:
+    ids = [row["id"] for row in read_index(synthetic_cache)][:3]
+    store = ArrayStore(synthetic_cache, ids, in_memory=False)
+    image, mask = store.get(ids[0])
+    assert isinstance(image, np.memmap) and isinstance(mask, np.memmap)
+    assert store.get(ids[0])[0] is image, "a sample's maps are opened once, not at every crop"
+
+    # A spawned DataLoader worker gets the store without its maps (and none of their bytes).
+    restored = pickle.loads(pickle.dumps(store))
+    assert len(pickle.dumps(store)) < image.nbytes
+    assert np.array_equal(restored.get(ids[0])[0], image)
+
+    monkeypatch.setattr(dataset, "MAPS_KEPT", 2)
+    store.get(ids[1])
+    store.get(ids[2])  # a third sample: the kept maps are let go first
+    assert store.get(ids[0])[0] is not image
+    assert np.array_equal(store.get(ids[0])[0], image)
 
 
 def test_augmentations_follow_the_seed_and_differ_between_workers(tmp_path: Path) -> None:

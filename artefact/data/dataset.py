@@ -21,14 +21,31 @@ from artefact.errors import UserError
 from artefact.taxonomy import IGNORE_INDEX
 
 
+MAPS_KEPT = 4096
+"""Memory-mapped samples a store keeps open: two maps each, well under Linux's default
+limit of 65530 maps per process, whatever the size of the data set."""
+
+
 class ArrayStore:
-    """Image and mask arrays by id: memory-mapped from the cache, or all decoded in RAM."""
+    """Image and mask arrays by id: memory-mapped from the cache, or all decoded in RAM.
+
+    A memory map is opened once per id and kept (up to ``MAPS_KEPT``): opening one (two
+    files, their headers, the mapping) cost ~0.4 ms, more than cropping and flipping the
+    sample (perf_bench's data item). Maps are not pickled: a DataLoader worker started by
+    spawn opens its own."""
 
     def __init__(self, cache: Path, ids: list[str], in_memory: bool) -> None:
         self.cache = cache
-        self._ram: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._in_memory = in_memory
         if in_memory:
-            self._ram = {sample_id: self._read(sample_id, None) for sample_id in ids}
+            self._arrays = {sample_id: self._read(sample_id, None) for sample_id in ids}
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if not self._in_memory:
+            state["_arrays"] = {}
+        return state
 
     def _read(self, sample_id: str, mmap_mode: str | None) -> tuple[np.ndarray, np.ndarray]:
         try:
@@ -39,9 +56,12 @@ class ArrayStore:
         return image, mask
 
     def get(self, sample_id: str) -> tuple[np.ndarray, np.ndarray]:
-        if self._ram is not None:
-            return self._ram[sample_id]
-        return self._read(sample_id, "r")
+        arrays = self._arrays.get(sample_id)
+        if arrays is None:
+            if len(self._arrays) >= MAPS_KEPT:
+                self._arrays.clear()
+            arrays = self._arrays[sample_id] = self._read(sample_id, "r")
+        return arrays
 
 
 def load_split(cache: Path, split: str) -> list[dict]:
@@ -60,8 +80,16 @@ class TrainDataset(Dataset):
         self.crops_per_image = crops_per_image
         self.transform = A.Compose(
             [
-                A.PadIfNeeded(resolution, resolution, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX),
-                A.RandomCrop(resolution, resolution),
+                # Crop first, pad only an image smaller than the crop: padding first copied
+                # the whole image for every crop.
+                A.RandomCrop(
+                    resolution,
+                    resolution,
+                    pad_if_needed=True,
+                    border_mode=cv2.BORDER_CONSTANT,
+                    fill=0,
+                    fill_mask=IGNORE_INDEX,
+                ),
                 A.HorizontalFlip(),
                 A.VerticalFlip(),
                 A.RandomRotate90(),
