@@ -105,6 +105,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="steps in the loop item's measured epoch (default 40; the laptop profile's epoch on ARTeFACT is ~80)",
     )
     parser.add_argument(
+        "--loop-repeats",
+        type=_at_least_one,
+        help="interleaved repeats of the loop item's rows (default 3; each Ray Train row takes ~90 s on a GPU)",
+    )
+    parser.add_argument(
         "--sweep-epochs", type=_at_least_one, help="epochs per sweep trial (default 6: ~60 s each on cpu-smoke)"
     )
     parser.add_argument(
@@ -163,12 +168,18 @@ def measure_loop(cfg, cache: Path, sizes: Sizes) -> dict[str, object]:
     except ImportError:
         ray_skipped = "ray is not installed here"
     runs: dict[str, list[float]] = {"bare": [], "in_process": [], "ray_train": []}
-    for _ in range(sizes.loop_repeats):
-        runs["bare"].append(bare_speed(cfg, sizes))
-        runs["in_process"].append(loop_speed(cfg, cache, sizes.loop_steps))
+
+    def measured(repeat: int, row: str, speed: float) -> None:
+        """Kept and printed at once: a run cut short (a lent GPU's time limit) still shows it."""
+        runs[row].append(speed)
+        print(f"  repeat {repeat}/{sizes.loop_repeats} {row}: {speed:.1f} img/s", flush=True)
+
+    for repeat in range(1, sizes.loop_repeats + 1):
+        measured(repeat, "bare", bare_speed(cfg, sizes))
+        measured(repeat, "in_process", loop_speed(cfg, cache, sizes.loop_steps))
         if ray_skipped is None:
             try:
-                runs["ray_train"].append(ray_train_speed(cfg, cache, sizes.loop_steps, os.cpu_count() or 1))
+                measured(repeat, "ray_train", ray_train_speed(cfg, cache, sizes.loop_steps, os.cpu_count() or 1))
             except RayTrainFailed as failure:
                 ray_skipped = str(failure)
     bare = statistics.median(runs["bare"])
@@ -266,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise UserError(f"--items {','.join(unknown)}: unknown; choose from {', '.join(ITEMS)}.")
         sizes = QUICK if args.quick else Sizes()
-        for field in ("loop_steps", "sweep_epochs", "asha_epochs"):
+        for field in ("loop_steps", "loop_repeats", "sweep_epochs", "asha_epochs"):
             if getattr(args, field) is not None:
                 sizes = dataclasses.replace(sizes, **{field: getattr(args, field)})
         with tempfile.TemporaryDirectory(prefix="artefact-perf-") as scratch:

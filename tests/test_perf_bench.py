@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -88,6 +89,10 @@ def test_quick_benchmark_writes_every_field(tmp_path: Path) -> None:
             value = results[item][field]
             assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (item, field, value)
     assert results["gpu"] == {"skipped": "no CUDA GPU is visible", "bench_s": results["gpu"]["bench_s"]}
+    # Each loop row is printed when measured, so a run cut short still shows what it measured.
+    for row, speeds in results["loop"]["runs_img_per_s"].items():
+        printed = re.search(rf"repeat 1/1 {row}: ([\d.]+) img/s", done.stdout)
+        assert printed and float(printed.group(1)) == pytest.approx(speeds[0], abs=0.06), row
     assert results["sweep"]["trials"] == 2 and results["early_stopping"]["search_trials"] == 2
     assert results["early_stopping"]["epochs_run"] <= results["early_stopping"]["epochs_at_full_length"]
     # The referee trains the very configurations the search sampled (same seed), to full length.
@@ -114,7 +119,7 @@ def test_unknown_item_is_refused_before_anything_runs(tmp_path: Path, bad_input_
     bad_input_tried("benchmark flag")
 
 
-@pytest.mark.parametrize("flag", ["--loop-steps", "--sweep-epochs", "--asha-epochs"])
+@pytest.mark.parametrize("flag", ["--loop-steps", "--loop-repeats", "--sweep-epochs", "--asha-epochs"])
 @pytest.mark.parametrize("value", ["0", "-3", "many"])
 def test_a_size_below_one_is_refused_before_anything_runs(
     tmp_path: Path, flag: str, value: str, bad_input_tried
