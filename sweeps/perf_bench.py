@@ -51,7 +51,7 @@ class Sizes:
     loop_repeats: int = 3
     data_batches: int = 60
     sweep_trials: int = 4
-    sweep_epochs: int = 6
+    sweep_epochs: int = 9
     asha_trials: int = 8
     asha_epochs: int = 8
     huge_megapixels: float = 200.0
@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="interleaved repeats of the loop item's rows (default 3; each Ray Train row takes ~90 s on a GPU)",
     )
     parser.add_argument(
-        "--sweep-epochs", type=_at_least_one, help="epochs per sweep trial (default 6: ~60 s each on cpu-smoke)"
+        "--sweep-epochs", type=_at_least_one, help="epochs per sweep trial (default 9: ~60 s each on cpu-smoke)"
     )
     parser.add_argument(
         "--asha-epochs", type=_at_least_one, help="epochs per trial in the early_stopping item (default 8)"
