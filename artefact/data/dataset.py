@@ -20,7 +20,6 @@ from artefact.data.prepare import read_index
 from artefact.errors import UserError
 from artefact.taxonomy import IGNORE_INDEX
 
-
 MAPS_KEPT = 4096
 """Memory-mapped samples a store keeps open: two maps each, well under Linux's default
 limit of 65530 maps per process, whatever the size of the data set."""
