@@ -55,6 +55,8 @@ class ArrayStore:
         return image, mask
 
     def get(self, sample_id: str) -> tuple[np.ndarray, np.ndarray]:
+        if self._in_memory:
+            return self._arrays[sample_id]
         arrays = self._arrays.get(sample_id)
         if arrays is None:
             if len(self._arrays) >= MAPS_KEPT:
