@@ -5,6 +5,7 @@ Its numbers are not checked against targets here: benchmarks are not timed tests
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -16,7 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
+from builders import small_config
 from sweep_helpers import ray_cluster_processes
+
+from artefact.bench import throughput
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,6 +108,33 @@ def test_quick_benchmark_writes_every_field(tmp_path: Path) -> None:
         assert isinstance(results["targets"][key]["met"], bool)
         assert key in done.stdout
     assert f"written: {report}" in done.stdout
+
+
+def test_each_loop_row_is_printed_as_soon_as_it_is_measured(monkeypatch, capsys) -> None:
+    """A run cut short (a lent GPU's time limit) must still have shown the rows it measured."""
+    spec = importlib.util.spec_from_file_location("perf_bench", REPO / "sweeps" / "perf_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "perf_bench", bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    printed_before_ray = []
+
+    def ray_train_speed(cfg, cache, steps, cpus) -> float:
+        printed_before_ray.append(capsys.readouterr().out)
+        if len(printed_before_ray) == 2:
+            raise throughput.RayTrainFailed("stalled")
+        return 8.0
+
+    monkeypatch.setattr(bench, "bare_speed", lambda cfg, sizes: 10.0)
+    monkeypatch.setattr(throughput, "loop_speed", lambda cfg, cache, steps: 9.0)
+    monkeypatch.setattr(throughput, "ray_train_speed", ray_train_speed)
+    result = bench.measure_loop(small_config(), Path("unused"), bench.Sizes(loop_repeats=3))
+
+    assert "repeat 1/3 bare: 10.0 img/s" in printed_before_ray[0]
+    assert "repeat 1/3 in_process: 9.0 img/s" in printed_before_ray[0]
+    assert "repeat 1/3 ray_train: 8.0 img/s" in printed_before_ray[1]
+    # A failed Ray Train row is not tried again; the other rows go on.
+    assert result["runs_img_per_s"] == {"bare": [10.0] * 3, "in_process": [9.0] * 3, "ray_train": [8.0]}
+    assert result["ray_train_skipped"] == "stalled" and result["in_process_ratio"] == 0.9
 
 
 def test_unknown_item_is_refused_before_anything_runs(tmp_path: Path, bad_input_tried) -> None:
