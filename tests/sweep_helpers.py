@@ -25,11 +25,11 @@ TRIAL_ACTOR = "ImplicitFunc"
 """The class of a Tune function trial's actor, where a one-worker trial trains."""
 
 
-def import_main_job():
-    """``sweeps/encoder_bench.py`` as a module, to call its ``main`` in process (fast, and
-    capsys sees its output)."""
-    spec = importlib.util.spec_from_file_location("encoder_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
+def import_script(name: str):
+    """``sweeps/<name>.py`` as a module, to call its functions in process (fast, and capsys
+    sees their output). It is registered under its name first: dataclasses look it up there."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "sweeps" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 

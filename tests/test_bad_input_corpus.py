@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from builders import free_port
 from mlflow.tracking import MlflowClient
-from sweep_helpers import import_main_job
+from sweep_helpers import import_script
 
 from artefact import cli
 
@@ -19,7 +19,7 @@ CORPUS = Path(__file__).parent / "bad_inputs"
 CONFIGS = sorted((CORPUS / "configs").glob("*.yaml"))
 CANARY = "bad-input-canary"
 """The file a case that reached a shell or built a Python object would create."""
-encoder_bench = import_main_job()
+encoder_bench = import_script("encoder_bench")
 
 
 def _flag_cases() -> list[tuple[str, list[str], str]]:

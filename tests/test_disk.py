@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from sweep_helpers import import_main_job
+from sweep_helpers import import_script
 
 from artefact.checkpoint import load_checkpoint, save_checkpoint
 from artefact.cli import run_cli
 
-encoder_bench = import_main_job()
+encoder_bench = import_script("encoder_bench")
 
 
 def _mount(folder: Path, *options: str) -> None:

@@ -5,7 +5,6 @@ Its numbers are not checked against targets here: benchmarks are not timed tests
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from builders import small_config
-from sweep_helpers import ray_cluster_processes
+from sweep_helpers import import_script, ray_cluster_processes
 
 from artefact.bench import throughput
 
@@ -112,10 +111,7 @@ def test_quick_benchmark_writes_every_field(tmp_path: Path) -> None:
 
 def test_each_loop_row_is_printed_as_soon_as_it_is_measured(monkeypatch, capsys) -> None:
     """A run cut short (a lent GPU's time limit) must still have shown the rows it measured."""
-    spec = importlib.util.spec_from_file_location("perf_bench", REPO / "sweeps" / "perf_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "perf_bench", bench)  # its dataclasses look their module up
-    spec.loader.exec_module(bench)
+    bench = import_script("perf_bench")
     printed_before_ray = []
 
     def ray_train_speed(cfg, cache, steps, cpus) -> float:

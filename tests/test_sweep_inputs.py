@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sweep_helpers import import_main_job
+from sweep_helpers import import_script
 
 REPO = Path(__file__).resolve().parents[1]
-encoder_bench = import_main_job()
+encoder_bench = import_script("encoder_bench")
 
 
 def test_help_documents_every_flag(capsys) -> None:
