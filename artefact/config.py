@@ -168,6 +168,11 @@ class SweepConfig:
     metric: str = "val/miou_fine"
     seed: int = 0
 
+    @property
+    def stops_trials_early(self) -> bool:
+        """Whether ASHA may end a trial before its last epoch (a search with the asha scheduler)."""
+        return self.mode == "search" and self.scheduler == "asha"
+
     def __post_init__(self) -> None:
         _check(self.mode in SWEEP_MODES, "sweep.mode", self.mode, SWEEP_MODES)
         _check(len(self.encoders) > 0, "sweep.encoders", list(self.encoders), "a non-empty list of encoder names")

@@ -205,7 +205,7 @@ def _tune_config(cfg: Config, sweep_dir: Path, name: str, concurrency: int) -> t
             grace_period=min(sweep.grace_period, cfg.train.epochs),
             reduction_factor=sweep.reduction_factor,
         )
-        if sweep.scheduler == "asha"
+        if sweep.stops_trials_early
         else FIFOScheduler()
     )
     searcher = ResumableOptunaSearch(

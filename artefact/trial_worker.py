@@ -64,12 +64,13 @@ def send_to_tune(metrics: dict[str, float], checkpoint_dir: Path | None) -> None
 
 FIGURE_INTERVAL_S = 60.0
 """Least time between two drawings of a trial's best-epoch figures. They are also drawn at
-the first and the last epoch, and, best effort, when Tune stops the trial early.
+the last epoch and, best effort, when the trial ends otherwise.
 
 Drawing and uploading them takes 1-3 s of CPU; on short CPU epochs, drawing at every
-improving epoch cost a quarter of the training time (sweeps/perf_bench.py). The first
-epoch's drawing stays: a trial that ASHA stops may end before its best-effort drawing runs,
-and without it would have no figures at all (a CI run caught that)."""
+improving epoch cost a quarter of the training time (sweeps/perf_bench.py). Where ASHA may
+stop the trial, they are drawn at the first epoch too: a stopped trial may end before its
+best-effort drawing runs, and would then have no figures at all (a CI run caught that).
+Elsewhere the interval counts from the trial's start."""
 
 
 class RayReporter:
@@ -83,7 +84,7 @@ class RayReporter:
         self.send = send
         self.described = False
         self.pending: Evaluation | None = None
-        self.drawn_at = -math.inf
+        self.drawn_at = -math.inf if cfg.sweep.stops_trials_early else time.monotonic()
         self.last_metrics: dict[str, float] = {}
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, evaluation: Evaluation | None) -> None:
