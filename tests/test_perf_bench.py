@@ -46,6 +46,8 @@ FIELDS = {
         "wall_s",
         "overhead_ratio",
         "trials_overhead_ratio",
+        "before_trials_s",
+        "after_trials_s",
         "startup_s_per_trial",
     },
     "early_stopping": {
@@ -64,7 +66,7 @@ FIELDS = {
 POSITIVE = {
     "loop": ("bare_img_per_s", "in_process_img_per_s", "ray_train_img_per_s"),
     "data": ("pipeline_img_per_s", "model_img_per_s"),
-    "sweep": ("training_s_total", "wall_s", "overhead_ratio"),
+    "sweep": ("training_s_total", "wall_s", "overhead_ratio", "before_trials_s", "after_trials_s"),
     "prepare": ("seconds", "peak_rss_mb", "largest_megapixels"),
 }
 

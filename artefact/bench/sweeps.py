@@ -65,10 +65,12 @@ def _set_flags(overrides: list[str]) -> list[str]:
 def sweep_overhead(
     cfg: Config, profile: str, overrides: list[str], trials: int, epochs: int, workdir: Path, workspace: Path
 ) -> dict[str, object]:
-    """Wall time of a sweep without early stopping against the training time measured inside its trials."""
+    """Wall time of a sweep without early stopping against the training time measured inside its
+    trials; where the rest went: before the first trial, between the trials, after the last."""
     name = "overhead"
     args = ["--profile", profile, *_set_flags(overrides), "--mode", "search"]
     args += ["--trials", str(trials), "--epochs", str(epochs)]
+    started = time.time()  # the trials' timestamps are wall-clock times
     wall, stdout = run_main_job([*args, "--name", name, "--set", "sweep.scheduler=none"], workdir, workspace)
     per_trial = tune_results(workdir / "results" / name)
     training = [sum(row["perf/epoch_s"] for row in rows) for rows in per_trial]
@@ -88,6 +90,8 @@ def sweep_overhead(
         "overhead_ratio": round(wall / ideal, 3),
         "trials_wall_s": round(last_end - first_start, 2),
         "trials_overhead_ratio": round((last_end - first_start) / ideal, 3),
+        "before_trials_s": round(first_start - started, 2),
+        "after_trials_s": round(started + wall - last_end, 2),
         "startup_s_per_trial": round(sum(startup) / len(startup), 2),
         "startup_s_max": round(max(startup), 2),
     }
