@@ -1,5 +1,3 @@
-import sys
+from artefact.cli import exit_process, main
 
-from artefact.cli import main
-
-sys.exit(main())
+exit_process(main())
