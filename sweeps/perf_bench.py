@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from artefact.cli import run_cli  # noqa: E402
+from artefact.cli import exit_process, run_cli  # noqa: E402
 from artefact.errors import UserError  # noqa: E402
 
 ITEMS = ("loop", "data", "sweep", "early_stopping", "prepare", "gpu")
@@ -53,7 +53,7 @@ class Sizes:
     sweep_trials: int = 4
     sweep_epochs: int = 9
     asha_trials: int = 8
-    asha_epochs: int = 8
+    asha_epochs: int = 16
     huge_megapixels: float = 200.0
     ordinary_images: int = 50
     prepare_max_side: int = 1024
@@ -113,7 +113,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--sweep-epochs", type=_at_least_one, help="epochs per sweep trial (default 9: ~60 s each on cpu-smoke)"
     )
     parser.add_argument(
-        "--asha-epochs", type=_at_least_one, help="epochs per trial in the early_stopping item (default 8)"
+        "--asha-epochs",
+        type=_at_least_one,
+        help="epochs per trial in the early_stopping item (default 16; ASHA waits an eighth of them)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "results" / "perf", help="JSON folder")
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one)")
@@ -368,4 +370,4 @@ def write_report(results: dict[str, object], out: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -52,6 +52,7 @@ FIELDS = {
     },
     "early_stopping": {
         "search_trials",
+        "grace_period",
         "epochs_run",
         "epochs_at_full_length",
         "epochs_saved_fraction",
@@ -100,6 +101,7 @@ def test_quick_benchmark_writes_every_field(tmp_path: Path) -> None:
         assert printed and float(printed.group(1)) == pytest.approx(speeds[0], abs=0.06), row
     assert results["sweep"]["trials"] == 2 and results["early_stopping"]["search_trials"] == 2
     assert results["early_stopping"]["epochs_run"] <= results["early_stopping"]["epochs_at_full_length"]
+    assert results["early_stopping"]["grace_period"] == 1  # an eighth of 2 epochs, at least 1
     # The referee trains the very configurations the search sampled (same seed), to full length.
     assert results["early_stopping"]["same_configurations"] is True
     assert results["prepare"]["images"] == 10

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from artefact.config import Config
+from artefact.config import Config, read_yaml
 from artefact.search import max_concurrent_trials
 
 REPO = Path(__file__).resolve().parents[2]
@@ -109,17 +109,26 @@ def _configurations(rows: list[dict[str, str]]) -> list[tuple[str, ...]]:
     return sorted(tuple(row.get(key, "") for key in CONFIGURATION) for row in rows)
 
 
+ASHA_GRACE_DIVISOR = 8
+"""ASHA's grace period in the early-stopping item: this share of the epochs."""
+
+
 def early_stopping(
     cfg: Config, profile: str, overrides: list[str], trials: int, epochs: int, workdir: Path, workspace: Path
 ) -> dict[str, object]:
     """ASHA's search against its exhaustive referee: the same search with early stopping off.
     Both sample with the same seed, and fewer trials than TPE's random start-up (10), so they
-    train the same configurations; the referee trains every one of them to full length."""
-    common = ["--profile", profile, *_set_flags(overrides), "--mode", "search"]
+    train the same configurations; the referee trains every one of them to full length.
+
+    ASHA waits an eighth of the epochs before its first cut (2 of 16), as the GPU profiles
+    wait a tenth to a fifth; a ``--set sweep.grace_period`` overrides that."""
+    grace = ["--set", f"sweep.grace_period={max(1, epochs // ASHA_GRACE_DIVISOR)}"]
+    common = ["--profile", profile, *grace, *_set_flags(overrides), "--mode", "search"]
     common += ["--trials", str(trials), "--epochs", str(epochs)]
     search_wall, _ = run_main_job([*common, "--name", "asha"], workdir, workspace)
     full_wall, _ = run_main_job([*common, "--name", "full", "--set", "sweep.scheduler=none"], workdir, workspace)
     search_dir, full_dir = workdir / "results" / "asha", workdir / "results" / "full"
+    search_cfg = read_yaml(search_dir / "config.yaml")
     search_trials, full_trials = _csv_rows(search_dir / "trials.csv"), _csv_rows(full_dir / "trials.csv")
     epochs_run = sum(int(row["epochs"]) for row in search_trials)
     full = len(search_trials) * epochs
@@ -132,6 +141,7 @@ def early_stopping(
     return {
         "search_trials": len(search_trials),
         "epochs_per_trial": epochs,
+        "grace_period": search_cfg["sweep"]["grace_period"],
         "epochs_run": epochs_run,
         "epochs_at_full_length": full,
         "epochs_saved_fraction": round(1 - epochs_run / full, 3),
