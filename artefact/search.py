@@ -29,6 +29,7 @@ from artefact.checkpoint import CHECKPOINTS_KEPT
 from artefact.config import Config, from_dict, to_dict
 from artefact.distributed import build_trainer
 from artefact.errors import UserError
+from artefact.heap import collector_paused
 from artefact.tracking import SweepRun, set_best_checkpoint
 
 TRIAL_DRIVER_CPU = 0.01
@@ -157,7 +158,8 @@ def _run_trial(params: dict[str, Any], base: dict[str, Any], cache: str, storage
     trial_id = tune.get_context().get_trial_id()
     if in_process(cfg):
         # Imported here: the torch stack loads once per reused trial process, never in the driver.
-        from artefact.trial_worker import train_in_trial
+        with collector_paused():
+            from artefact.trial_worker import train_in_trial
 
         train_in_trial(cfg, Path(cache), trial_id, sweep)
         return

@@ -20,6 +20,7 @@ if str(REPO) not in sys.path:
 
 from artefact.cli import exit_process, run_cli  # noqa: E402
 from artefact.errors import UserError  # noqa: E402
+from artefact.heap import collector_paused  # noqa: E402
 
 SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.name is not None and not SWEEP_NAME.fullmatch(args.name):
             raise UserError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-' only (it names folders).")
         if args.check:
-            from artefact.sweep import check_config
+            with collector_paused():
+                from artefact.sweep import check_config
 
             profile, _, cfg = build_config(args)
             check_config(cfg)
@@ -183,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             from artefact.ray_env import prepare_local_cluster, sweep_token_file
 
             prepare_local_cluster(sweep_token_file(request.results, request.name))
-        from artefact.sweep import run  # imports Ray, which reads the settings just made
+        with collector_paused():
+            from artefact.sweep import run  # imports Ray, which reads the settings just made
 
         if args.resume == "auto":
             from artefact.search import can_resume
