@@ -3,7 +3,7 @@
 Those imports create some 650,000 long-lived objects, and CPython's collector walks all of
 them again and again while they arrive: on this 2-core machine the sweep's driver imports
 in 5.8 s instead of 8.4 s with it paused. Frozen afterwards, those objects are also skipped
-by every later full collection, in the training loop too.
+by later full collections (rare: none ran in two cpu-smoke training epochs).
 """
 
 from __future__ import annotations
