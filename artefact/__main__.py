@@ -1,3 +1,4 @@
-from artefact.cli import exit_process, main
+from artefact.cli import main
+from artefact.heap import exit_process
 
 exit_process(main())

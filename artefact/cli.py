@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import errno
-import gc
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
 
 from artefact.errors import SweepInterrupted, UserError
 
@@ -48,14 +46,6 @@ def run_cli(main: Callable[[], int]) -> int:
             file=sys.stderr,
         )
         return 2
-
-
-def exit_process(status: int) -> NoReturn:
-    """End a command-line process with ``status``, its heap frozen first: the interpreter's
-    last garbage collection would walk every object of the torch, Ray and MLflow stacks,
-    about 2 s on 2 cores, when files are closed and runs ended already."""
-    gc.freeze()
-    sys.exit(status)
 
 
 def _port(text: str) -> int:

@@ -157,7 +157,7 @@ def _run_trial(params: dict[str, Any], base: dict[str, Any], cache: str, storage
     cfg = apply_trial_params(from_dict(base), params)
     trial_id = tune.get_context().get_trial_id()
     if in_process(cfg):
-        # Imported here: the torch stack loads once per reused trial process, never in the driver.
+        # The training modules (loop, data, figures) load at a trial process's first trial.
         with collector_paused():
             from artefact.trial_worker import train_in_trial
 

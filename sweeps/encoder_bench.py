@@ -18,9 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from artefact.cli import exit_process, run_cli  # noqa: E402
+from artefact.cli import run_cli  # noqa: E402
 from artefact.errors import UserError  # noqa: E402
-from artefact.heap import collector_paused  # noqa: E402
+from artefact.heap import collector_paused, exit_process  # noqa: E402
 
 SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -173,19 +173,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.name is not None and not SWEEP_NAME.fullmatch(args.name):
             raise UserError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-' only (it names folders).")
         if args.check:
-            with collector_paused():
+            with collector_paused():  # the torch stack loads in here
                 from artefact.sweep import check_config
 
-            profile, _, cfg = build_config(args)
+                profile, _, cfg = build_config(args)
             check_config(cfg)
             print(f"ok: profile {profile}, {cfg.sweep.mode} mode, encoders {', '.join(cfg.sweep.encoders)}")
             return 0
-        request = build_request(args)
-        if not request.address:
-            from artefact.ray_env import prepare_local_cluster, sweep_token_file
+        with collector_paused():  # the torch, MLflow and Ray stacks load in here
+            request = build_request(args)
+            if not request.address:
+                from artefact.ray_env import prepare_local_cluster, sweep_token_file
 
-            prepare_local_cluster(sweep_token_file(request.results, request.name))
-        with collector_paused():
+                prepare_local_cluster(sweep_token_file(request.results, request.name))
             from artefact.sweep import run  # imports Ray, which reads the settings just made
 
         if args.resume == "auto":

@@ -25,8 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from artefact.cli import exit_process, run_cli  # noqa: E402
+from artefact.cli import run_cli  # noqa: E402
 from artefact.errors import UserError  # noqa: E402
+from artefact.heap import exit_process  # noqa: E402
 
 ITEMS = ("loop", "data", "sweep", "early_stopping", "prepare", "gpu")
 TARGETS = {
@@ -109,6 +110,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=_at_least_one,
         help="interleaved repeats of the loop item's rows (default 3; each Ray Train row takes ~90 s on a GPU)",
     )
+    parser.add_argument("--sweep-trials", type=_at_least_one, help="trials in the sweep item (default 4)")
     parser.add_argument(
         "--sweep-epochs", type=_at_least_one, help="epochs per sweep trial (default 9: ~60 s each on cpu-smoke)"
     )
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise UserError(f"--items {','.join(unknown)}: unknown; choose from {', '.join(ITEMS)}.")
         sizes = QUICK if args.quick else Sizes()
-        for field in ("loop_steps", "loop_repeats", "sweep_epochs", "asha_epochs"):
+        for field in ("loop_steps", "loop_repeats", "sweep_trials", "sweep_epochs", "asha_epochs"):
             if getattr(args, field) is not None:
                 sizes = dataclasses.replace(sizes, **{field: getattr(args, field)})
         with tempfile.TemporaryDirectory(prefix="artefact-perf-") as scratch:

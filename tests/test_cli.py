@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
@@ -13,7 +12,6 @@ from pathlib import Path
 import pytest
 from builders import REPO, free_port, run_cli
 
-from artefact.cli import exit_process
 from artefact.data.prepare import read_index
 
 
@@ -172,14 +170,3 @@ def test_ui_beyond_loopback_warns_and_answers_requests_addressed_to_it(tmp_path:
         os.killpg(server.pid, 15)
         _, errors = server.communicate(timeout=30)
     assert f"warning: serving MLflow on {address}" in errors
-
-
-def test_a_command_exits_with_its_status_and_its_heap_frozen() -> None:
-    """Frozen, the heap is skipped by the interpreter's last garbage collection (~2 s at a sweep's end)."""
-    try:
-        with pytest.raises(SystemExit) as exited:
-            exit_process(3)
-        assert exited.value.code == 3
-        assert gc.get_freeze_count() > 0
-    finally:
-        gc.unfreeze()

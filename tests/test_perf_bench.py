@@ -20,6 +20,8 @@ from builders import small_config
 from sweep_helpers import import_script, ray_cluster_processes
 
 from artefact.bench import throughput
+from artefact.bench.sweeps import early_stopping_args
+from artefact.config import parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,6 +115,19 @@ def test_quick_benchmark_writes_every_field(tmp_path: Path) -> None:
     assert f"written: {report}" in done.stdout
 
 
+def _grace_period(args: list[str]) -> int:
+    """The grace period the main job takes from these flags (its --set, the last one winning)."""
+    return parse_overrides([args[i + 1] for i, flag in enumerate(args) if flag == "--set"])["sweep"]["grace_period"]
+
+
+def test_the_early_stopping_item_waits_an_eighth_of_the_epochs_unless_told_otherwise() -> None:
+    assert _grace_period(early_stopping_args("cpu-smoke", [], 8, 16)) == 2
+    assert _grace_period(early_stopping_args("cpu-smoke", [], 8, 5)) == 1
+    told = early_stopping_args("cpu-smoke", ["sweep.grace_period=3", "train.lr=0.001"], 8, 16)
+    assert _grace_period(told) == 3
+    assert told[-4:] == ["--trials", "8", "--epochs", "16"]
+
+
 def test_each_loop_row_is_printed_as_soon_as_it_is_measured(monkeypatch, capsys) -> None:
     """A run cut short (a lent GPU's time limit) must still have shown the rows it measured."""
     bench = import_script("perf_bench")
@@ -150,7 +165,9 @@ def test_unknown_item_is_refused_before_anything_runs(tmp_path: Path, bad_input_
     bad_input_tried("benchmark flag")
 
 
-@pytest.mark.parametrize("flag", ["--loop-steps", "--loop-repeats", "--sweep-epochs", "--asha-epochs"])
+@pytest.mark.parametrize(
+    "flag", ["--loop-steps", "--loop-repeats", "--sweep-trials", "--sweep-epochs", "--asha-epochs"]
+)
 @pytest.mark.parametrize("value", ["0", "-3", "many"])
 def test_a_size_below_one_is_refused_before_anything_runs(
     tmp_path: Path, flag: str, value: str, bad_input_tried

@@ -70,7 +70,7 @@ def sweep_overhead(
     name = "overhead"
     args = ["--profile", profile, *_set_flags(overrides), "--mode", "search"]
     args += ["--trials", str(trials), "--epochs", str(epochs)]
-    started = time.time()  # the trials' timestamps are wall-clock times
+    started = time.time()  # Tune's timestamps: wall-clock time, in whole seconds
     wall, stdout = run_main_job([*args, "--name", name, "--set", "sweep.scheduler=none"], workdir, workspace)
     per_trial = tune_results(workdir / "results" / name)
     training = [sum(row["perf/epoch_s"] for row in rows) for rows in per_trial]
@@ -90,8 +90,8 @@ def sweep_overhead(
         "overhead_ratio": round(wall / ideal, 3),
         "trials_wall_s": round(last_end - first_start, 2),
         "trials_overhead_ratio": round((last_end - first_start) / ideal, 3),
-        "before_trials_s": round(first_start - started, 2),
-        "after_trials_s": round(started + wall - last_end, 2),
+        "before_trials_s": round(first_start - started),  # to the second, as Tune's timestamps
+        "after_trials_s": round(started + wall - last_end),
         "startup_s_per_trial": round(sum(startup) / len(startup), 2),
         "startup_s_max": round(max(startup), 2),
     }
@@ -110,7 +110,15 @@ def _configurations(rows: list[dict[str, str]]) -> list[tuple[str, ...]]:
 
 
 ASHA_GRACE_DIVISOR = 8
-"""ASHA's grace period in the early-stopping item: this share of the epochs."""
+"""ASHA's grace period in the early-stopping item: the epochs divided by this, at least 1."""
+
+
+def early_stopping_args(profile: str, overrides: list[str], trials: int, epochs: int) -> list[str]:
+    """The main job's flags for both runs of the early-stopping item; the user's --set come
+    after the item's grace period, so theirs wins."""
+    grace = ["--set", f"sweep.grace_period={max(1, epochs // ASHA_GRACE_DIVISOR)}"]
+    sizes = ["--trials", str(trials), "--epochs", str(epochs)]
+    return ["--profile", profile, *grace, *_set_flags(overrides), "--mode", "search", *sizes]
 
 
 def early_stopping(
@@ -122,9 +130,7 @@ def early_stopping(
 
     ASHA waits an eighth of the epochs before its first cut (2 of 16), as the GPU profiles
     wait a tenth to a fifth; a ``--set sweep.grace_period`` overrides that."""
-    grace = ["--set", f"sweep.grace_period={max(1, epochs // ASHA_GRACE_DIVISOR)}"]
-    common = ["--profile", profile, *grace, *_set_flags(overrides), "--mode", "search"]
-    common += ["--trials", str(trials), "--epochs", str(epochs)]
+    common = early_stopping_args(profile, overrides, trials, epochs)
     search_wall, _ = run_main_job([*common, "--name", "asha"], workdir, workspace)
     full_wall, _ = run_main_job([*common, "--name", "full", "--set", "sweep.scheduler=none"], workdir, workspace)
     search_dir, full_dir = workdir / "results" / "asha", workdir / "results" / "full"
@@ -141,7 +147,7 @@ def early_stopping(
     return {
         "search_trials": len(search_trials),
         "epochs_per_trial": epochs,
-        "grace_period": search_cfg["sweep"]["grace_period"],
+        "grace_period": min(search_cfg["sweep"]["grace_period"], epochs),  # as the scheduler clips it
         "epochs_run": epochs_run,
         "epochs_at_full_length": full,
         "epochs_saved_fraction": round(1 - epochs_run / full, 3),
