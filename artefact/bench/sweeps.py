@@ -58,8 +58,10 @@ def concurrency(cfg: Config, stdout: str) -> int:
     return max_concurrent_trials(cfg, {"CPU": float(found.group(1)), "GPU": float(found.group(2))})
 
 
-def _set_flags(overrides: list[str]) -> list[str]:
-    return [flag for override in overrides for flag in ("--set", override)]
+def _search_args(profile: str, overrides: list[str], trials: int, epochs: int) -> list[str]:
+    """The main job's flags for a search of ``trials`` x ``epochs`` (later --set win)."""
+    sets = [flag for override in overrides for flag in ("--set", override)]
+    return ["--profile", profile, *sets, "--mode", "search", "--trials", str(trials), "--epochs", str(epochs)]
 
 
 def sweep_overhead(
@@ -68,8 +70,7 @@ def sweep_overhead(
     """Wall time of a sweep without early stopping against the training time measured inside its
     trials; where the rest went: before the first trial, between the trials, after the last."""
     name = "overhead"
-    args = ["--profile", profile, *_set_flags(overrides), "--mode", "search"]
-    args += ["--trials", str(trials), "--epochs", str(epochs)]
+    args = _search_args(profile, overrides, trials, epochs)
     started = time.time()  # Tune's timestamps: wall-clock time, in whole seconds
     wall, stdout = run_main_job([*args, "--name", name, "--set", "sweep.scheduler=none"], workdir, workspace)
     per_trial = tune_results(workdir / "results" / name)
@@ -116,9 +117,8 @@ ASHA_GRACE_DIVISOR = 8
 def early_stopping_args(profile: str, overrides: list[str], trials: int, epochs: int) -> list[str]:
     """The main job's flags for both runs of the early-stopping item; the user's --set come
     after the item's grace period, so theirs wins."""
-    grace = ["--set", f"sweep.grace_period={max(1, epochs // ASHA_GRACE_DIVISOR)}"]
-    sizes = ["--trials", str(trials), "--epochs", str(epochs)]
-    return ["--profile", profile, *grace, *_set_flags(overrides), "--mode", "search", *sizes]
+    grace = f"sweep.grace_period={max(1, epochs // ASHA_GRACE_DIVISOR)}"
+    return _search_args(profile, [grace, *overrides], trials, epochs)
 
 
 def early_stopping(
