@@ -1,7 +1,7 @@
 """Ray Tune: the trials of a sweep, the Optuna search space, ASHA, and resume.
 
-Each trial is a Tune *function*. A one-worker trial trains in that function's own
-process, which Tune reuses from trial to trial (``trial_worker.train_in_trial``). A DDP
+Each trial is a Tune *function* (``trial.run_trial``). A one-worker trial trains in that
+function's own process, which Tune reuses from trial to trial (``trial_worker``). A DDP
 trial (Train V2 style) builds and fits a TorchTrainer named after the trial id (the
 deprecated ``Tuner(trainer)`` is not used); its driver reserves almost no CPU, and
 ``max_concurrent_trials`` is derived from the cluster's resources, so trial drivers can
@@ -21,16 +21,15 @@ from typing import Any
 import optuna
 import ray
 from ray import tune
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from artefact.checkpoint import CHECKPOINTS_KEPT
-from artefact.config import Config, from_dict, to_dict
-from artefact.distributed import build_trainer
+from artefact.config import Config, to_dict
 from artefact.errors import UserError
-from artefact.heap import collector_paused
-from artefact.tracking import SweepRun, set_best_checkpoint
+from artefact.tracking import SweepRun
+from artefact.trial import in_process, run_trial, simplex_weights
 
 TRIAL_DRIVER_CPU = 0.01
 """A DDP trial's driver only waits on its TorchTrainer; {'cpu': 0} is refused by Ray."""
@@ -53,33 +52,8 @@ def space_description(cfg: Config) -> dict[str, Any]:
     }
 
 
-def in_process(cfg: Config) -> bool:
-    """Whether a trial trains in its Tune process (one worker) rather than under a TorchTrainer."""
-    return cfg.resources.workers_per_trial == 1
-
-
 def _searches_weights(cfg: Config) -> bool:
     return cfg.sweep.search_loss_weights and len(cfg.model.heads) > 1
-
-
-def apply_trial_params(base: Config, params: dict[str, Any]) -> Config:
-    """The base config with one trial's sampled values filled in."""
-    train: dict[str, Any] = {}
-    for key in ("batch_size", "lr", "seed"):
-        if key in params:
-            train[key] = params[key]
-    sections: dict[str, Any] = {"model": {"encoder": params["encoder"]}, "train": train}
-    raw_weights = {head: params[f"w_{head}"] for head in base.model.heads if f"w_{head}" in params}
-    if raw_weights:
-        sections["loss"] = simplex_weights(raw_weights)
-    return base.replace(**sections)
-
-
-def simplex_weights(raw: dict[str, float]) -> dict[str, float]:
-    """Uniform (0, 1] draws -> weights on the simplex (a Dirichlet(1) sample via -log u)."""
-    logs = {head: -math.log(max(value, 1e-12)) for head, value in raw.items()}
-    total = sum(logs.values()) or 1.0
-    return {head: value / total for head, value in logs.items()}
 
 
 @dataclass(frozen=True)
@@ -152,26 +126,9 @@ def max_concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
     return limit
 
 
-def _run_trial(params: dict[str, Any], base: dict[str, Any], cache: str, storage: str, sweep: SweepRun | None) -> None:
-    """One Tune trial: train here (one worker), or fit a TorchTrainer whose reports flow back to Tune."""
-    cfg = apply_trial_params(from_dict(base), params)
-    trial_id = tune.get_context().get_trial_id()
-    if in_process(cfg):
-        # The training modules (loop, data, figures) load at a trial process's first trial.
-        with collector_paused():
-            from artefact.trial_worker import train_in_trial
-
-        train_in_trial(cfg, Path(cache), trial_id, sweep)
-        return
-    result = build_trainer(cfg, Path(cache), Path(storage), trial_id, sweep, callbacks=[TuneReportCallback()]).fit()
-    if sweep is not None and result.best_checkpoints:
-        best, _ = max(result.best_checkpoints, key=lambda pair: pair[1].get(cfg.sweep.metric, -math.inf))
-        set_best_checkpoint(sweep, trial_id, best.path)
-
-
 def _trainable(cfg: Config, cache: Path, sweep_dir: Path, sweep: SweepRun | None):
     trainable = tune.with_parameters(
-        _run_trial, base=to_dict(cfg), cache=str(cache), storage=str(sweep_dir / TRAIN_FOLDER), sweep=sweep
+        run_trial, base=to_dict(cfg), cache=str(cache), storage=str(sweep_dir / TRAIN_FOLDER), sweep=sweep
     )
     res = cfg.resources
     if in_process(cfg):
@@ -406,7 +363,7 @@ def summarise(
 def _best_checkpoint(result: tune.Result, metric: str) -> str | None:
     """A one-worker trial's checkpoints are Tune's own. For a DDP trial, Tune's copy of the
     reports carries each Train checkpoint's path (absent for epochs that a resumed trial
-    did not re-run; ``_run_trial`` tags those trials itself)."""
+    did not re-run; ``trial.run_trial`` tags those trials itself)."""
     if result.best_checkpoints:
         return result.get_best_checkpoint(metric, "max").path
     frame = result.metrics_dataframe
