@@ -1,4 +1,5 @@
-"""The environment of the local Ray clusters a sweep starts: a private token, loopback only.
+"""The environment of the local Ray clusters a sweep starts: a private token, loopback only,
+no idle workers.
 
 Ray reads these variables when it is first imported, so this module imports no Ray and
 must run before anything that does. Each sweep gets its own token file (mode 600): a
@@ -25,6 +26,14 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 node address is 127.0.0.1 (FACTS.md); with it, every listener stays on loopback."""
 
 
+NO_IDLE_WORKERS_ENV = {"RAY_enable_worker_prestart": "0", "RAY_prestart_worker_first_driver": "0"}
+"""Ray starts an idle Python worker per CPU ahead of time, but Tune's trials and Train's
+workers each carry a runtime env, so Ray starts new processes for them: the idle ones are
+never used. Measured here: a 2-CPU sweep's two took 0.6 s of CPU each while the sweep
+started, and Ray stopped them a few seconds later; beside one trial on an 8-CPU cluster,
+two stayed for the whole run, with 84 MB of memory and 1.7% of a core."""
+
+
 def prepare_local_cluster(token_file: Path) -> Path:
     """Create the token file if needed and point this process (and Ray's children) at it."""
     try:
@@ -40,6 +49,7 @@ def prepare_local_cluster(token_file: Path) -> Path:
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_file.resolve())
     os.environ.update(LOOPBACK_ENV)
+    os.environ.update(NO_IDLE_WORKERS_ENV)
     return token_file
 
 
