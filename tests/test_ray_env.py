@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from sweep_helpers import REPO
+import pytest
+from sweep_helpers import REPO, ray_cluster_processes
 
 SCRIPT = """
-import os, sys, time
+import os, sys
 from pathlib import Path
 from artefact.ray_env import prepare_local_cluster
 
-token = prepare_local_cluster(Path(sys.argv[1]))
-import psutil, ray
+prepare_local_cluster(Path(sys.argv[1]))
+import ray
 
 ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
 
@@ -26,15 +28,8 @@ class Trial:
 
 
 trial = Trial.remote()
-ray.get(trial.pid.remote())
-time.sleep(2)
-ours = str(token.resolve())
-idle = [
-    p.pid
-    for p in psutil.process_iter(["cmdline", "environ"])
-    if (p.info["environ"] or {}).get("RAY_AUTH_TOKEN_PATH") == ours and (p.info["cmdline"] or [""])[0] == "ray::IDLE"
-]
-print("idle workers:", len(idle))
+print("trial", ray.get(trial.pid.remote()), flush=True)
+sys.stdin.read()  # the cluster stays up until the test has looked at it
 ray.shutdown()
 """
 
@@ -43,12 +38,21 @@ def test_a_local_cluster_keeps_no_idle_workers_beside_its_trials(tmp_path: Path)
     """Ray starts an idle worker per CPU ahead, but a trial (like every Tune trial and Train
     worker) carries a runtime env and gets a new process: the idle ones would only take
     memory and CPU for the whole sweep."""
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path / "ray.token")],
+    token = tmp_path / "ray.token"
+    cluster = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, str(token)],
         cwd=REPO,
-        capture_output=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=180,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "idle workers: 0" in done.stdout, done.stdout
+    try:
+        if not cluster.stdout.readline().startswith("trial "):
+            pytest.fail(f"the cluster did not start: {cluster.communicate(timeout=120)[1][-3000:]}")
+        time.sleep(2)
+        workers = ray_cluster_processes(token).values()
+        assert [command for command in workers if command.startswith("ray::IDLE")] == []
+    finally:
+        cluster.communicate(timeout=120)
+    assert cluster.returncode == 0
