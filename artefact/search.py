@@ -36,6 +36,10 @@ TRIAL_DRIVER_CPU = 0.01
 TUNE_FOLDER = "tune"
 STATE_SAVE_PERIOD_S = 1
 TRAIN_FOLDER = "train"
+TRIAL_NAME = "_run_trial"
+"""Tune's name for the trials' function (``trial.run_trial``), which also names their
+folders. A sweep resumes only under the name it started with, and sweeps started before
+the function moved out of this module were named after it, so the name stays."""
 
 
 def space_description(cfg: Config) -> dict[str, Any]:
@@ -281,13 +285,13 @@ def run_sweep(
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(STATE_SAVE_PERIOD_S))
     if not verbose:  # Optuna announces every study and trial at INFO
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    trainable = _trainable(cfg, cache, sweep_dir, sweep)
+    tune.register_trainable(TRIAL_NAME, _trainable(cfg, cache, sweep_dir, sweep))
     tune_path = sweep_dir / TUNE_FOLDER
     if resume:
-        tuner = tune.Tuner.restore(str(tune_path), trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(str(tune_path), TRIAL_NAME, resume_unfinished=True, resume_errored=False)
     else:
         tuner = tune.Tuner(
-            trainable,
+            TRIAL_NAME,
             param_space=_param_space(cfg),
             tune_config=_tune_config(cfg, sweep_dir, name, concurrency),
             run_config=tune.RunConfig(

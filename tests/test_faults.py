@@ -54,7 +54,7 @@ def read_back(client: MlflowClient, child, reported: list[dict]) -> tuple[int, i
 
 
 def _trial_dir(sweep_dir: Path, encoder: str, seed: int | str) -> Path | None:
-    found = [p for p in (sweep_dir / "tune").glob("run_trial_*") if f"encoder={encoder},seed={seed}" in p.name]
+    found = [p for p in (sweep_dir / "tune").glob("_run_trial_*") if f"encoder={encoder},seed={seed}" in p.name]
     return found[0] if found else None
 
 
