@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shlex
 import shutil
 import socket
@@ -31,6 +30,7 @@ from artefact.figures import optuna_figures
 from artefact.hardware import check_gpu_supported
 from artefact.memory import check_fits
 from artefact.models import count_parameters, meta_model, resolve_encoder
+from artefact.ray_env import TRIAL_ENV
 from artefact.report import failed_trials, leaderboard, render_text, write_leaderboard, write_plots
 from artefact.search import (
     can_resume,
@@ -58,14 +58,6 @@ from artefact.tracking import (
     trial_histories,
 )
 
-RAY_ENV = {
-    # Train V2 polls worker health every 2 s by default; on short trials that polling
-    # dominates start-up (FACTS.md: ~19 s -> ~12 s per trial).
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    # A trial stopped inside its report still logs its best epoch's figures (1-3 s) before its
-    # process takes the next trial; Tune waits 2 s by default, then starts a new process.
-    "TUNE_FUNCTION_THREAD_TIMEOUT_S": "30",
-}
 PLOTS_FOLDER = "plots"
 
 
@@ -162,11 +154,10 @@ def _check_reachable(address: str) -> None:
 def _connect_ray(request: SweepRequest) -> str | None:
     """Join --address, or start a local cluster bound to 127.0.0.1 (environment from ray_env)."""
     quiet = {} if request.verbose else {"logging_level": logging.WARNING, "log_to_driver": False}
-    runtime_env = {"env_vars": {**RAY_ENV, **TRIAL_CLIENT_ENV}}
+    runtime_env = {"env_vars": {**TRIAL_ENV, **TRIAL_CLIENT_ENV}}
     if request.address:
         ray.init(address=request.address, runtime_env=runtime_env, **quiet)
         return None
-    os.environ.update(RAY_ENV)
     context = ray.init(
         include_dashboard=True,
         dashboard_host="127.0.0.1",

@@ -1,4 +1,5 @@
-"""A 2-worker DDP trial (gloo on CPU) against a 1-worker run on the same data."""
+"""A 2-worker DDP trial (gloo on CPU) against a 1-worker run on the same data, on a cluster
+set up as a sweep's (``artefact.ray_env``)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from artefact.ray_env import prepare_local_cluster
 
 prepare_local_cluster(Path(sys.argv[3]))
 import ray
+from ray._private.state import actors  # from GCS: this cluster has no dashboard for ray.util.state
 from artefact.config import Config
 from artefact.distributed import build_trainer
 
@@ -34,6 +36,7 @@ for workers, batch in ((1, 8), (2, 4)):
     cfg = base.replace(train={"batch_size": batch}, resources={"workers_per_trial": workers, "cpus_per_worker": 0.95})
     result = build_trainer(cfg, Path(sys.argv[1]), Path(sys.argv[2]), f"ddp-{workers}", None).fit()
     out[workers] = result.metrics
+out["actor_classes"] = sorted({actor["ActorClassName"] for actor in actors().values()})  # dead ones too
 print("RESULT " + json.dumps(out))
 """
 
@@ -57,3 +60,6 @@ def test_two_worker_ddp_matches_one_worker(tmp_path: Path, synthetic_cache: Path
     assert two["train/loss"] == pytest.approx(one["train/loss"], rel=0.05)
     for head in ("fine", "coarse", "binary"):
         assert two[f"val/miou_{head}"] == pytest.approx(one[f"val/miou_{head}"], abs=0.03)
+    # Train's own helpers ran, but not its preemption watcher, which these clusters have no use for.
+    assert "TrainController" in metrics["actor_classes"], metrics["actor_classes"]
+    assert "PreemptionWatcher" not in metrics["actor_classes"], metrics["actor_classes"]
