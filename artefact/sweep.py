@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import ray
@@ -207,6 +208,7 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         {"profile": request.profile, "git_commit": git_commit(), "mode": cfg.sweep.mode},
     )
     status = "FAILED"
+    stopping_ray: threading.Thread | None = None
     try:
         shutil.copyfile(request.profile_file, sweep_dir / "profile.yaml")
         log_sweep_artifacts(tracking, [sweep_dir / "config.yaml", sweep_dir / "space.json", sweep_dir / "profile.yaml"])
@@ -217,6 +219,7 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         resources = ray.cluster_resources()
         log(f"Ray cluster: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
         results = run_sweep(cfg, cache, sweep_dir, request.name, tracking, request.resume, request.verbose)
+        stopping_ray = _stop_ray_meanwhile()
         finished = results.num_terminated + results.num_errors
         if finished < trial_count(cfg):
             status = "KILLED"
@@ -249,7 +252,9 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         log(_mlflow_hint(request.tracking_uri, tracking))
         return rows
     finally:
-        if ray.is_initialized():
+        if stopping_ray is not None:
+            stopping_ray.join()
+        elif ray.is_initialized():
             ray.shutdown()
         if status == "FAILED" and not request.resume and not can_resume(sweep_dir):
             # Nothing ran: leave nothing behind, so the same command can simply be run again.
@@ -258,6 +263,15 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         else:
             close_open_trials(tracking)
             finish_sweep(tracking, status)
+
+
+def _stop_ray_meanwhile() -> threading.Thread:
+    """Stop Ray while the leaderboard and figures are written, which need no Ray. Its
+    shutdown mostly waits (up to 1 s per process for a graceful exit): 1.25 s on 2 cores,
+    of which 0.07 s of the driver's CPU."""
+    stopping = threading.Thread(target=ray.shutdown, name="ray-shutdown")
+    stopping.start()
+    return stopping
 
 
 def _write_plots(request: SweepRequest, rows, summaries, histories, folder: Path, log) -> list[Path]:
