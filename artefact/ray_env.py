@@ -1,8 +1,9 @@
 """The environment of the local Ray clusters a sweep starts: a private token, loopback only,
 no idle workers, and the settings Tune and Train read in the trials' processes.
 
-Ray reads these variables when it is first imported, so this module imports no Ray and
-must run before anything that does. Each sweep gets its own token file (mode 600): a
+Ray reads the cluster's variables when it is first imported, so this module imports no Ray
+and must run before anything that does; Tune and Train read ``TRIAL_ENV`` in the trials'
+processes. Each sweep gets its own token file (mode 600): a
 stray ``~/.ray/auth_token`` is never used, and other users cannot attach.
 """
 
@@ -36,23 +37,26 @@ two stayed for the whole run, with 84 MB of memory and 1.7% of a core."""
 
 TRIAL_ENV = {
     # Train V2 polls worker health every 2 s by default; on short trials that polling
-    # dominates start-up (FACTS.md: ~19 s -> ~12 s per trial).
+    # dominates start-up (measured on 2 cores: ~19 s -> ~12 s per trial).
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     # A trial stopped inside its report still logs its best epoch's figures (1-3 s) before its
     # process takes the next trial; Tune waits 2 s by default, then starts a new process.
     "TUNE_FUNCTION_THREAD_TIMEOUT_S": "30",
     # Train starts a preemption watcher actor per run, for nodes that Ray's autoscaler drains
-    # (cloud spot instances). These clusters have no autoscaler: SLURM preempts a job with
-    # SIGTERM, which the sweep handles. Measured here during a Ray Train epoch: the watcher's
-    # process took 1.0-1.1% of a core, beside 80 MB and 2.7 s of CPU to start.
+    # (cloud spot instances). These clusters have no autoscaler; on SLURM the job's time
+    # limit is announced by USR1, on which the sweep saves its state. Measured here: the
+    # watcher's process took 1.0-1.1% of a core during a Ray Train epoch, and 2.1-2.7 s of
+    # CPU over a 75-85 s run.
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
-"""Read by Tune and Train in the processes of a sweep's trials: set in the environment of
-a local cluster, and passed as the runtime env of a sweep that joins a running one."""
+"""Read by Tune and Train in the processes of a sweep's trials. ``prepare_local_cluster`` sets
+it for the clusters started here (the benchmark's too); a sweep also passes it as its job's
+runtime env, which is what reaches a cluster it joins (``--address``, SLURM)."""
 
 
 def prepare_local_cluster(token_file: Path) -> Path:
-    """Create the token file if needed and point this process (and Ray's children) at it."""
+    """Create the token file if needed and point this process (and Ray's children) at it, with
+    the settings above."""
     try:
         token_file.parent.mkdir(parents=True, exist_ok=True)
         if not token_file.exists():

@@ -254,7 +254,7 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
     finally:
         if stopping_ray is not None:
             stopping_ray.join()
-        elif ray.is_initialized():
+        if ray.is_initialized():  # not started, or failed in the thread
             ray.shutdown()
         if status == "FAILED" and not request.resume and not can_resume(sweep_dir):
             # Nothing ran: leave nothing behind, so the same command can simply be run again.
