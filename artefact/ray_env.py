@@ -3,8 +3,8 @@ no idle workers, and the settings Tune and Train read in the trials' processes.
 
 Ray reads the cluster's variables when it is first imported, so this module imports no Ray
 and must run before anything that does; Tune and Train read ``TRIAL_ENV`` in the trials'
-processes. Each sweep gets its own token file (mode 600): a
-stray ``~/.ray/auth_token`` is never used, and other users cannot attach.
+processes. Each sweep gets its own token file (mode 600): a stray ``~/.ray/auth_token`` is
+never used, and other users cannot attach.
 """
 
 from __future__ import annotations
