@@ -41,7 +41,7 @@ class _ErrorKeepingStream(io.RawIOBase):
             raise
 
 
-def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``.
 
     A crash or a full disk leaves the previous file intact, never a half-written one; a
@@ -69,12 +69,12 @@ def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
-    return _write_atomic(path, lambda stream: torch.save(state, stream))
+    return write_atomic(path, lambda stream: torch.save(state, stream))
 
 
 def copy_atomic(source: Path, path: Path) -> Path:
     with source.open("rb") as original:
-        return _write_atomic(path, lambda stream: shutil.copyfileobj(original, stream))
+        return write_atomic(path, lambda stream: shutil.copyfileobj(original, stream))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

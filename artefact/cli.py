@@ -24,15 +24,16 @@ OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EP
 
 
 def run_cli(main: Callable[[], int]) -> int:
-    """Print a UserError as one line without a traceback and exit with code 2 (3 for an
-    interrupted sweep that can be resumed)."""
+    """Print a UserError without a traceback, one ``error:`` line per problem, and exit
+    with code 2 (3 for an interrupted sweep that can be resumed)."""
     try:
         return main()
     except SweepInterrupted as error:
         print(f"stopped: {error}", file=sys.stderr)
         return SweepInterrupted.exit_code
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        for problem in str(error).splitlines():
+            print(f"error: {problem}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -86,6 +87,19 @@ def _parser() -> argparse.ArgumentParser:
         help="where runs logged through this server keep artifacts; default: beside a SQLite store",
     )
 
+    weights = commands.add_parser(
+        "weights",
+        help="fetch encoders' pretrained weights into the Hugging Face cache, or check that they are there",
+        description="fetch: download the weights that are not cached yet, with a progress bar (needs network: run"
+        " it on a login node; compute nodes read the cache offline). check: list each encoder as cached or missing;"
+        " exit code 0 when all are cached, 2 otherwise. The cache is huggingface_hub's, as timm and SMP read it:"
+        " $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub.",
+    )
+    weights.add_argument("action", choices=("fetch", "check"))
+    chosen = weights.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--profile", help="the encoders of a profile: a name from sweeps/ or a YAML path")
+    chosen.add_argument("--encoders", help="comma-separated encoders, e.g. convnext_tiny,mit_b3 (aliases work)")
+
     allocation = commands.add_parser("allocation", help="the sbatch resource flags for a profile's node (for cluster/)")
     allocation.add_argument("--profile", required=True, help="a profile name from sweeps/ or a YAML path")
 
@@ -95,6 +109,20 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, default=Path("results/train"), help="checkpoints and resolved config")
     train.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE, help="where data caches live")
     train.add_argument("--resume", action="store_true", help="continue from OUT/latest/checkpoint.pt")
+
+    predict = commands.add_parser(
+        "predict",
+        help="segment a folder of images with a sweep's best model",
+        description="Writes OUT/masks/<stem>.png (fine class ids 0-15, each image's own size) and"
+        " OUT/overlays/<stem>.png (damage in the official colours), replacing files of the same names.",
+    )
+    predict.add_argument("--run", required=True, help="best:<sweep name>, or the MLflow run id of a trial with a model")
+    predict.add_argument("--images", type=Path, required=True, help="a folder of images (its subfolders are skipped)")
+    predict.add_argument("--out", type=Path, required=True, help="where masks/ and overlays/ are written")
+    predict.add_argument(
+        "--tracking-uri", help=f"MLflow store; default: $MLFLOW_TRACKING_URI, else sqlite:///{DEFAULT_STORE}"
+    )
+    predict.add_argument("--max-pixels", type=int, default=250_000_000, help="decompression-bomb bound")
     return parser
 
 
@@ -128,7 +156,35 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _serve_ui(args)
     elif args.command == "allocation":
         print(" ".join(_allocation_flags(args.profile)))
+    elif args.command == "weights":
+        _weights(args)
+    elif args.command == "predict":
+        _predict(args)
     return 0
+
+
+def _weights(args: argparse.Namespace) -> None:
+    from huggingface_hub import constants
+
+    from artefact.config import load_config, profile_file
+    from artefact.errors import Problems
+    from artefact.weights import check_cached, fetch_missing, resolve_all
+
+    if args.profile:
+        names = list(load_config(profile_file(args.profile)[1]).sweep.encoders)
+    else:
+        names = [name.strip() for name in args.encoders.split(",") if name.strip()]
+        if not names:
+            raise UserError("--encoders: give one or more encoder names, e.g. --encoders convnext_tiny,mit_b3.")
+    problems = Problems()  # an unknown name is reported with, not instead of, the others' state
+    encoders = resolve_all(names, problems)
+    with problems.check():
+        if args.action == "check":
+            check_cached(encoders, log=print)
+        else:
+            fetch_missing(encoders)
+    problems.raise_any()
+    print(f"all {len(encoders)} encoders' weights are in the Hugging Face cache {constants.HF_HUB_CACHE}")
 
 
 def allocation_resources() -> dict[str, float] | None:
@@ -190,6 +246,18 @@ def _serve_ui(args: argparse.Namespace) -> int:
     print(f"MLflow UI: http://{args.host}:{args.port}  (Ctrl-C to stop)")
     environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     return subprocess.call(command, env=environment)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    # Read when MLflow is imported: its INFO lines and download bars would bury predict's own bar.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if args.max_pixels < 1:
+        raise UserError(f"--max-pixels {args.max_pixels}: give a positive number of pixels.")
+    from artefact.predict import predict
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
+    predict(args.run, args.images, args.out, uri, args.max_pixels)
 
 
 def _train(args: argparse.Namespace) -> None:

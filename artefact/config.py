@@ -27,6 +27,8 @@ DEVICES = ("auto", "cpu", "cuda")
 SWEEP_MODES = ("search", "fair")
 SCHEDULERS = ("asha", "none")
 HOLDOUT_FIELDS = ("material", "content")
+LOSS_KINDS = ("dice", "dice_ce", "dice_focal")
+CLASS_WEIGHTINGS = ("none", "inverse_freq", "inverse_sqrt", "inverse_sqrt_log")
 
 
 @dataclass(frozen=True)
@@ -100,10 +102,26 @@ class LossConfig:
     binary: float = 0.2
     coarse: float = 0.3
     fine: float = 0.5
+    kind: str = "dice"
+    """dice (soft Dice over the classes present), dice_ce (+ cross-entropy) or dice_focal (+ focal, gamma 2)."""
+    class_weights: str = "none"
+    """Per-class loss weights from the training side's pixel counts, per head: none, inverse_freq (1/f),
+    inverse_sqrt (1/sqrt f) or inverse_sqrt_log (log1p(1/sqrt f)); a class without training pixels gets 0."""
+    class_weight_clip: tuple[float, float] = (0.1, 10.0)
+    """[low, high] for the weights once normalised to mean 1 over the classes with training pixels."""
 
     def __post_init__(self) -> None:
         for head in HEADS:
             _check(getattr(self, head) >= 0, f"loss.{head}", getattr(self, head), "a weight >= 0")
+        _check(self.kind in LOSS_KINDS, "loss.kind", self.kind, LOSS_KINDS)
+        _check(self.class_weights in CLASS_WEIGHTINGS, "loss.class_weights", self.class_weights, CLASS_WEIGHTINGS)
+        clip = list(self.class_weight_clip)
+        _check(
+            len(clip) == 2 and 0 < clip[0] <= clip[1],
+            "loss.class_weight_clip",
+            clip,
+            "[low, high] with 0 < low <= high, e.g. [0.1, 10]",
+        )
 
     def weights(self, heads: tuple[str, ...]) -> dict[str, float]:
         """The weights of the model's heads, normalised to sum to 1."""
@@ -159,14 +177,31 @@ class SweepConfig:
     seeds: int = 1
     """fair: seeds per encoder."""
     batch_sizes: tuple[int, ...] = (4, 8)
+    encoder_max_batch: dict[str, int] = field(default_factory=dict)
+    """Largest batch per encoder ({segformer_b3: 32}), keyed as in sweep.encoders, for encoders
+    that need more memory per image than the others. A trial of such an encoder trains at this
+    batch instead of a larger one, with the learning rate scaled by the same ratio (the seeds'
+    rule: lr x batch / reference batch). Entries for encoders not in the sweep are ignored."""
     lr_min: float = 3e-4
     lr_max: float = 3e-3
     search_loss_weights: bool = True
+    search_loss_kinds: tuple[str, ...] = ()
+    """search: loss.kind values to choose from per trial; empty = loss.kind in every trial."""
+    search_class_weights: tuple[str, ...] = ()
+    """search: loss.class_weights values to choose from per trial; empty = loss.class_weights in every trial."""
     scheduler: str = "asha"
     grace_period: int = 1
     reduction_factor: int = 2
     metric: str = "val/miou_fine"
     seed: int = 0
+
+    def scaled_batch(self, encoder: str, batch_size: int, lr: float) -> tuple[int, float]:
+        """(batch, lr) for a trial of ``encoder`` asked to train at ``batch_size`` and ``lr``:
+        capped at the encoder's ``encoder_max_batch``, with lr scaled by the same ratio."""
+        cap = self.encoder_max_batch.get(encoder, batch_size)
+        if cap >= batch_size:
+            return batch_size, lr
+        return cap, lr * cap / batch_size
 
     @property
     def stops_trials_early(self) -> bool:
@@ -184,7 +219,19 @@ class SweepConfig:
             list(self.batch_sizes),
             "a non-empty list of sizes >= 1",
         )
+        for encoder, batch in self.encoder_max_batch.items():
+            _check(batch >= 1, f"sweep.encoder_max_batch.{encoder}", batch, ">= 1")
         _check(0 < self.lr_min <= self.lr_max, "sweep.lr_min", self.lr_min, f"> 0 and <= sweep.lr_max ({self.lr_max})")
+        for name, choices, allowed in (
+            ("search_loss_kinds", self.search_loss_kinds, LOSS_KINDS),
+            ("search_class_weights", self.search_class_weights, CLASS_WEIGHTINGS),
+        ):
+            _check(
+                set(choices) <= set(allowed) and len(set(choices)) == len(choices),
+                f"sweep.{name}",
+                list(choices),
+                f"a list of distinct values from {list(allowed)} (empty: not searched)",
+            )
         _check(self.scheduler in SCHEDULERS, "sweep.scheduler", self.scheduler, SCHEDULERS)
         _check(self.grace_period >= 1, "sweep.grace_period", self.grace_period, ">= 1")
         _check(self.reduction_factor >= 2, "sweep.reduction_factor", self.reduction_factor, ">= 2")
@@ -250,6 +297,13 @@ class Config:
                 list(self.sweep.batch_sizes),
                 "sizes >= 2 with model.arch=upernet (its pyramid pooling BatchNorm needs 2+ samples)",
             )
+            for encoder, batch in self.sweep.encoder_max_batch.items():
+                _check(
+                    batch >= 2,
+                    f"sweep.encoder_max_batch.{encoder}",
+                    batch,
+                    ">= 2 with model.arch=upernet (its pyramid pooling BatchNorm needs 2+ samples)",
+                )
 
     def replace(self, **sections: dict[str, Any]) -> Config:
         """A copy with some fields of some sections changed, validated like a loaded config."""
@@ -343,6 +397,13 @@ def _coerce(kind: Any, value: Any, where: str, name: str) -> Any:
             except UserError:
                 continue
         raise UserError(f"{where}: {name} = {value!r} has the wrong type; expected {_describe(kind)}.")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: {name} = {value!r} must be a mapping.")
+        key_kind, value_kind = typing.get_args(kind)
+        return {
+            _coerce(key_kind, k, where, name): _coerce(value_kind, v, where, f"{name}.{k}") for k, v in value.items()
+        }
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{where}: {name} = {value!r} must be a list.")

@@ -3,8 +3,14 @@
 Anything the user can fix (a bad config, bad data, a missing dependency) raises
 ``UserError``. The CLIs print its message without a traceback and exit with code 2; a
 sweep stopped by a signal with its state saved exits with code 3, so that a script (the
-SLURM job) can tell "resume me" from "fix me".
+SLURM job) can tell "resume me" from "fix me". A message of several lines holds several
+problems, one a line (``Problems``), and the CLIs print each as its own error.
 """
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class UserError(Exception):
@@ -15,3 +21,32 @@ class SweepInterrupted(UserError):
     """A stop signal (Ctrl-C, SLURM's time-limit warning) ended the sweep; --resume continues it."""
 
     exit_code = 3
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """A library's exception message on one line, cut short, to quote inside a UserError."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+class Problems:
+    """Collects the problems of independent checks, so that a pre-flight reports them all
+    at once, one line each, and the user fixes them in one go instead of one per run."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.lines += [line for line in message.splitlines() if line not in self.lines]
+
+    @contextmanager
+    def check(self) -> Iterator[None]:
+        """Run one check; its UserError becomes a problem (a repeated line is kept once)."""
+        try:
+            yield
+        except UserError as error:
+            self.add(str(error))
+
+    def raise_any(self) -> None:
+        if self.lines:
+            raise UserError("\n".join(self.lines))

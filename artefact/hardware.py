@@ -31,6 +31,22 @@ def configure_kernels(device: torch.device) -> None:
         torch.set_float32_matmul_precision("high")
 
 
+def check_cuda_usable(gpus_per_worker: float, profile: str) -> None:
+    """A profile that asks for GPUs, run where CUDA does not work, would wait for GPUs that
+    never come; its pre-flight check says so instead."""
+    if gpus_per_worker == 0 or torch.cuda.is_available():
+        return
+    reason = (
+        f"this torch {torch.__version__} is built without CUDA"
+        if torch.version.cuda is None
+        else f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU, or no working driver"
+    )
+    raise UserError(
+        f"profile {profile} asks for GPUs (resources.gpus_per_worker = {gpus_per_worker:g}) but CUDA is not usable"
+        f" here: {reason}. Run it on a GPU machine, or use --profile cpu-smoke."
+    )
+
+
 def check_gpu_supported(device: torch.device) -> None:
     """A V100 (sm_70) under a CUDA 13 build fails deep inside the first kernel; fail here instead."""
     major, minor = torch.cuda.get_device_capability(device)

@@ -30,11 +30,12 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from artefact.checkpoint import CHECKPOINT_FILE, copy_atomic, load_checkpoint, save_checkpoint
 from artefact.config import Config
 from artefact.data.dataset import TrainDataset, ValDataset
+from artefact.data.prepare import class_pixels
 from artefact.errors import UserError
 from artefact.faults import planned_fault
 from artefact.figures import Evaluation, Prediction, evaluation_figures
 from artefact.hardware import amp_dtype, configure_kernels, peak_memory_mb, reset_peak_memory, select_device
-from artefact.losses import multitask_loss
+from artefact.losses import MultitaskLoss, class_weights
 from artefact.metrics import confusion_matrix, iou_per_class, mean_iou
 from artefact.models import build_model, count_parameters, forward_gflop
 from artefact.taxonomy import FINE_NAMES, HEAD_CLASS_NAMES, HEAD_LUTS, IGNORE_INDEX
@@ -98,7 +99,7 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = amp_dtype(cfg.train.amp, device)
     configure_kernels(device)
-    weights = cfg.loss.weights(cfg.model.heads)
+    criterion = build_loss(cfg, cache, device)
 
     model = build_model(cfg.model, cfg.data.resolution).to(device)
     if cfg.train.channels_last:
@@ -126,7 +127,7 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
     if resume_from is not None:
         start_epoch, best = _restore(resume_from, model, optimizer, scheduler, scaler)
 
-    normalise = _Normaliser(device, cfg.train.channels_last)
+    normalise = Normaliser(device, cfg.train.channels_last)
     fault = planned_fault(cfg)
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -143,7 +144,7 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
                 scheduler,
                 scaler,
                 normalise,
-                weights,
+                criterion,
                 dtype,
                 cfg.train.grad_clip,
                 ranks,
@@ -156,7 +157,7 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
                 val_set.materials,
                 val_ids if ranks.rank == 0 else [],
                 normalise,
-                weights,
+                criterion,
                 dtype,
                 cfg.data.resolution,
                 cfg.train.batch_size,
@@ -207,6 +208,44 @@ def _out_of_memory_is_a_trial_failure(cfg: Config, epoch: int) -> Iterator[None]
             f" data.resolution={cfg.data.resolution}, train.amp={cfg.train.amp}; lower the batch size or the"
             f" resolution ({first_line})"
         ) from None
+
+
+def build_loss(cfg: Config, cache: Path, device: torch.device) -> MultitaskLoss:
+    """The loss of ``cfg``, for training and validation: its per-class weights (on ``device``)
+    come from the cache's training-side pixel counts, once per run."""
+    weights = None
+    if cfg.loss.class_weights != "none":
+        pixels = class_pixels(cache)
+        weights = {
+            head: torch.tensor(
+                class_weights(pixels[head], cfg.loss.class_weights, cfg.loss.class_weight_clip), device=device
+            )
+            for head in cfg.model.heads
+        }
+    return MultitaskLoss(cfg.loss.weights(cfg.model.heads), cfg.loss.kind, weights)
+
+
+def class_weight_table(cfg: Config, cache: Path) -> list[dict[str, object]]:
+    """One row per head and class of the model: training pixels, their share of the head's
+    labelled training pixels, and the loss weight ``build_loss`` gives the class."""
+    pixels = class_pixels(cache)
+    rows: list[dict[str, object]] = []
+    for head in cfg.model.heads:
+        counts = pixels[head]
+        weights = class_weights(counts, cfg.loss.class_weights, cfg.loss.class_weight_clip)
+        total = sum(counts) or 1
+        for class_id, (name, count, weight) in enumerate(zip(HEAD_CLASS_NAMES[head], counts, weights, strict=True)):
+            rows.append(
+                {
+                    "head": head,
+                    "class_id": class_id,
+                    "class_name": name,
+                    "train_pixels": count,
+                    "frequency": count / total,
+                    "weight": weight,
+                }
+            )
+    return rows
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "best")
@@ -267,7 +306,7 @@ def make_train_loader(cfg: Config, dataset: TrainDataset, ranks: Ranks, device: 
     return loader
 
 
-class _Normaliser:
+class Normaliser:
     """uint8 NCHW on the host -> normalised float on the device (4x less to copy)."""
 
     def __init__(self, device: torch.device, channels_last: bool = False) -> None:
@@ -287,19 +326,20 @@ class _Normaliser:
 
 
 def _train_epoch(
-    net, loader, steps, optimizer, scheduler, scaler, normalise, weights, dtype, grad_clip, ranks: Ranks, epoch: int
+    net, loader, steps, optimizer, scheduler, scaler, normalise, criterion, dtype, grad_clip, ranks: Ranks, epoch: int
 ) -> dict[str, float]:
     net.train()
     device = normalise.device
-    totals = torch.zeros(len(weights) + 1, device=device)
+    heads = list(criterion.head_weights)
+    totals = torch.zeros(len(heads) + 1, device=device)
     images = 0
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     for step, (batch, masks) in enumerate(_take(loader, steps)):
         inputs = normalise.images(batch)
-        targets = normalise.targets(masks, list(weights))
+        targets = normalise.targets(masks, heads)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             outputs = net(inputs)
-        loss, per_head = multitask_loss(outputs, targets, weights)
+        loss, per_head = criterion(outputs, targets)
         nonfinite |= ~torch.isfinite(loss.detach())
         if ((step + 1) % DIVERGENCE_CHECK_STEPS == 0 or step + 1 == steps) and nonfinite.item():
             raise TrainingDiverged(f"the training loss became NaN or infinite at epoch {epoch + 1}, by step {step + 1}")
@@ -317,7 +357,7 @@ def _train_epoch(
         dist.all_reduce(totals)
         dist.all_reduce(counts)
     means = (totals / counts[0]).tolist()
-    result = {"train/loss": means[0], **{f"train/loss_{head}": v for head, v in zip(weights, means[1:], strict=True)}}
+    result = {"train/loss": means[0], **{f"train/loss_{head}": v for head, v in zip(heads, means[1:], strict=True)}}
     result["images"] = counts[1].item()
     return result
 
@@ -354,14 +394,32 @@ def predict_tiled(model: nn.Module, image: torch.Tensor, resolution: int, chunk:
 
 
 @torch.no_grad()
+def segment(
+    model: nn.Module,
+    image: torch.Tensor,
+    normalise: Normaliser,
+    dtype: torch.dtype | None,
+    resolution: int,
+    chunk: int,
+) -> dict[str, torch.Tensor]:
+    """Logits for a uint8 (1, 3, H, W) image of any size, as validation scores them: padded
+    with black (as ``ValDataset`` pads) to whole tiles, normalised, tiled, cropped back."""
+    height, width = image.shape[-2:]
+    padded = nn.functional.pad(image, (0, -width % resolution, 0, -height % resolution))
+    with torch.autocast(normalise.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = predict_tiled(model, normalise.images(padded), resolution, chunk)
+    return {head: values[..., :height, :width] for head, values in logits.items()}
+
+
+@torch.no_grad()
 def _validate(
-    model, loader, materials, preview_ids, normalise, weights, dtype, resolution, chunk, ranks
+    model, loader, materials, preview_ids, normalise, criterion, dtype, resolution, chunk, ranks
 ) -> tuple[dict[str, float], dict[str, torch.Tensor], list[Prediction]]:
     """Metrics, confusion counts per head (summed over ranks) and predictions for the first
     ``PREDICTION_IMAGES`` of ``preview_ids`` (empty on ranks other than 0)."""
     model.eval()
     device = normalise.device
-    heads = list(weights)
+    heads = list(criterion.head_weights)
     confusion = {
         h: torch.zeros(len(HEAD_CLASS_NAMES[h]), len(HEAD_CLASS_NAMES[h]), dtype=torch.long, device=device)
         for h in heads
@@ -371,9 +429,8 @@ def _validate(
     predictions: list[Prediction] = []
     for index, (image, mask, material) in enumerate(loader):
         targets = normalise.targets(mask, heads)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = predict_tiled(model, normalise.images(image), resolution, chunk)
-        loss, _ = multitask_loss(logits, targets, weights)
+        logits = segment(model, image, normalise, dtype, resolution, chunk)
+        loss, _ = criterion(logits, targets)
         loss_sum += torch.stack([loss, torch.ones((), device=device)])
         for head in heads:
             cm = confusion_matrix(logits[head].argmax(1), targets[head], len(HEAD_CLASS_NAMES[head]))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from artefact.config import Config, ModelConfig
-from artefact.errors import UserError
+from artefact.errors import Problems, UserError
 from artefact.models import count_parameters, meta_model
 
 OPTIMISER_COPIES = 4
@@ -37,19 +37,25 @@ def estimate_training_gb(model_cfg: ModelConfig, resolution: int, batch_size: in
 
 
 def check_fits(cfg: Config) -> None:
-    """Refuse a sweep whose largest batch cannot fit the profile's share of a GPU."""
+    """Refuse a sweep whose largest batch cannot fit the profile's share of a GPU (one line
+    per encoder that does not fit)."""
     res = cfg.resources
     if res.gpu_memory_gb is None or res.gpus_per_worker == 0:
         return
     share = res.gpu_memory_gb * min(1.0, res.gpus_per_worker)
-    batch = max(cfg.sweep.batch_sizes) if cfg.sweep.mode == "search" else cfg.train.batch_size
+    asked = max(cfg.sweep.batch_sizes) if cfg.sweep.mode == "search" else cfg.train.batch_size
+    problems = Problems()
     for encoder in cfg.sweep.encoders:
-        model = ModelConfig(cfg.model.arch, encoder, cfg.model.heads, False)
-        need = estimate_training_gb(model, cfg.data.resolution, batch, cfg.train.amp != "off")
-        if need > share:
-            raise UserError(
-                f"batch size {batch} with {encoder} ({cfg.model.arch}, {cfg.data.resolution} px) needs about"
-                f" {need:.1f} GB, but each trial gets {share:.1f} GB (resources.gpu_memory_gb ="
-                f" {res.gpu_memory_gb} x gpus_per_worker = {res.gpus_per_worker}). Lower sweep.batch_sizes /"
-                " train.batch_size or data.resolution, or give each trial more of a GPU."
-            )
+        with problems.check():  # every encoder that does not fit, not only the first
+            batch, _ = cfg.sweep.scaled_batch(encoder, asked, cfg.train.lr)
+            model = ModelConfig(cfg.model.arch, encoder, cfg.model.heads, False)
+            need = estimate_training_gb(model, cfg.data.resolution, batch, cfg.train.amp != "off")
+            if need > share:
+                raise UserError(
+                    f"batch size {batch} with {encoder} ({cfg.model.arch}, {cfg.data.resolution} px) needs about"
+                    f" {need:.1f} GB, but each trial gets {share:.1f} GB (resources.gpu_memory_gb ="
+                    f" {res.gpu_memory_gb} x gpus_per_worker = {res.gpus_per_worker}). Lower sweep.batch_sizes /"
+                    f" train.batch_size (or sweep.encoder_max_batch.{encoder}) or data.resolution, or give each"
+                    " trial more of a GPU."
+                )
+    problems.raise_any()

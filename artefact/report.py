@@ -17,7 +17,21 @@ from artefact.search import TrialSummary
 from artefact.taxonomy import FINE_NAMES
 
 HEAD_COLUMNS = ("val/miou_fine", "val/miou_coarse", "val/miou_binary")
-COLUMNS = ("encoder", "trials", "miou_fine", "miou_coarse", "miou_binary", "img_per_s", "peak_mem_mb", "params_m")
+MEASURED = {
+    "miou_fine": "val/miou_fine",
+    "miou_coarse": "val/miou_coarse",
+    "miou_binary": "val/miou_binary",
+    "img_per_s": "perf/img_per_s",
+    "peak_mem_mb": "perf/peak_mem_mb",
+    "params_m": "model/params",
+    "train_min": "perf/train_s",
+    "to_best_min": "perf/to_best_s",
+}
+"""Leaderboard columns read from each trial's best epoch (and its cost), and their metric."""
+SCALE = {"params_m": 1e-6, "train_min": 1 / 60, "to_best_min": 1 / 60}
+COLUMNS = ("encoder", "trials", *MEASURED, "batch", "lr", "gpu_h")
+"""The seeds' tables stated cost next to quality: minutes per trial, to the best epoch, and
+the GPU-hours all of an encoder's trials took; ``batch`` and ``lr`` are what its trials ran at."""
 
 
 def _scored_by_encoder(summaries: list[TrialSummary]) -> dict[str, list[TrialSummary]]:
@@ -29,21 +43,21 @@ def _scored_by_encoder(summaries: list[TrialSummary]) -> dict[str, list[TrialSum
     return by_encoder
 
 
-def leaderboard(summaries: list[TrialSummary], mode: str) -> list[dict[str, object]]:
-    """Rows per encoder; values are floats (search) or (mean, std) pairs (fair)."""
+def leaderboard(summaries: list[TrialSummary], mode: str, gpus_per_trial: float) -> list[dict[str, object]]:
+    """Rows per encoder; values are floats (search) or (mean, std) pairs (fair). GPU-hours
+    count every trial of the encoder, failed and stopped ones too: they were paid for."""
     by_encoder = _scored_by_encoder(summaries)
     rows = []
     for encoder, trials in by_encoder.items():
         row: dict[str, object] = {"encoder": encoder, "trials": len(trials)}
         if mode == "search":
             trials = [max(trials, key=lambda t: t.best.get("val/miou_fine", -math.inf))]
-        for key, column in zip(
-            (*HEAD_COLUMNS, "perf/img_per_s", "perf/peak_mem_mb", "model/params"), COLUMNS[2:], strict=True
-        ):
-            values = [t.best[key] for t in trials if key in t.best]
-            if key == "model/params":
-                values = [v / 1e6 for v in values]
-            row[column] = _mean_std(values)
+        for column, key in MEASURED.items():
+            row[column] = _mean_std([t.best[key] * SCALE.get(column, 1.0) for t in trials if key in t.best])
+        row["batch"] = trials[0].params.get("batch_size")
+        row["lr"] = trials[0].params.get("lr")
+        seconds = sum(s.best.get("perf/train_s", 0.0) for s in summaries if s.params.get("encoder") == encoder)
+        row["gpu_h"] = seconds * gpus_per_trial / 3600 if gpus_per_trial else None
         rows.append(row)
     return sorted(rows, key=lambda r: -(r["miou_fine"] or (-1.0, 0.0))[0])
 
@@ -54,21 +68,36 @@ def _mean_std(values: list[float]) -> tuple[float, float] | None:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _cell(value: object, mode: str, digits: int) -> str:
+def _cell(value: object, mode: str, column: str) -> str:
+    digits = _DIGITS.get(column, 0)
     if value is None:
         return "-"
     if isinstance(value, tuple):
         mean, std = value
         return f"{mean:.{digits}f} ± {std:.{digits}f}" if mode == "fair" else f"{mean:.{digits}f}"
+    if column == "lr":
+        return f"{value:.2g}"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
     return str(value)
 
 
-_DIGITS = {"miou_fine": 4, "miou_coarse": 4, "miou_binary": 4, "img_per_s": 1, "peak_mem_mb": 0, "params_m": 2}
+_DIGITS = {
+    "miou_fine": 4,
+    "miou_coarse": 4,
+    "miou_binary": 4,
+    "img_per_s": 1,
+    "peak_mem_mb": 0,
+    "params_m": 2,
+    "train_min": 2,
+    "to_best_min": 2,
+    "gpu_h": 2,
+}
 
 
 def format_table(rows: list[dict[str, object]], mode: str) -> list[list[str]]:
     header = ["rank", *COLUMNS]
-    body = [[str(rank), *(_cell(row[c], mode, _DIGITS.get(c, 0)) for c in COLUMNS)] for rank, row in enumerate(rows, 1)]
+    body = [[str(rank), *(_cell(row[c], mode, c) for c in COLUMNS)] for rank, row in enumerate(rows, 1)]
     return [header, *body]
 
 
@@ -83,7 +112,7 @@ def render_text(rows: list[dict[str, object]], mode: str) -> str:
 def describe_config(params: dict[str, object]) -> str:
     """A trial's configuration, in the names of the settings a user would change."""
     parts = []
-    for key in ("encoder", "batch_size", "lr", "seed"):
+    for key in ("encoder", "batch_size", "lr", "seed", "loss_kind", "class_weights"):
         if key in params:
             value = params[key]
             parts.append(f"{key}={value:.2g}" if isinstance(value, float) else f"{key}={value}")
@@ -109,12 +138,13 @@ def write_leaderboard(rows: list[dict[str, object]], summaries: list[TrialSummar
     out.mkdir(parents=True, exist_ok=True)
     board_csv = out / "leaderboard.csv"
     with board_csv.open("w", newline="", encoding="utf-8") as handle:
-        fields = ["rank", "encoder", "trials"] + [f"{c}{s}" for c in COLUMNS[2:] for s in ("", "_std")]
+        plain = [c for c in COLUMNS if c not in MEASURED]
+        fields = ["rank", *plain] + [f"{c}{s}" for c in MEASURED for s in ("", "_std")]
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         for rank, row in enumerate(rows, 1):
-            record: dict[str, object] = {"rank": rank, "encoder": row["encoder"], "trials": row["trials"]}
-            for column in COLUMNS[2:]:
+            record: dict[str, object] = {"rank": rank, **{c: "" if row[c] is None else row[c] for c in plain}}
+            for column in MEASURED:
                 value = row[column]
                 record[column], record[f"{column}_std"] = value if isinstance(value, tuple) else ("", "")
             writer.writerow(record)

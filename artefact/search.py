@@ -53,6 +53,8 @@ def space_description(cfg: Config) -> dict[str, Any]:
         "batch_sizes": list(sweep.batch_sizes),
         "lr": [sweep.lr_min, sweep.lr_max],
         "loss_weights": _searches_weights(cfg),
+        "loss_kinds": list(sweep.search_loss_kinds) or [cfg.loss.kind],
+        "class_weights": list(sweep.search_class_weights) or [cfg.loss.class_weights],
     }
 
 
@@ -69,12 +71,23 @@ class SearchSpace:
     lr_min: float
     lr_max: float
     weight_heads: tuple[str, ...]
+    loss_kinds: tuple[str, ...] = ()
+    class_weights: tuple[str, ...] = ()
+    """Choices for the trial params ``loss_kind`` and ``class_weights``; empty = not searched."""
 
     @classmethod
     def from_config(cls, cfg: Config) -> SearchSpace:
         sweep = cfg.sweep
         heads = cfg.model.heads if _searches_weights(cfg) else ()
-        return cls(sweep.encoders, sweep.batch_sizes, sweep.lr_min, sweep.lr_max, heads)
+        return cls(
+            sweep.encoders,
+            sweep.batch_sizes,
+            sweep.lr_min,
+            sweep.lr_max,
+            heads,
+            sweep.search_loss_kinds,
+            sweep.search_class_weights,
+        )
 
     def __call__(self, trial: optuna.Trial) -> None:
         trial.suggest_categorical("encoder", list(self.encoders))
@@ -82,6 +95,10 @@ class SearchSpace:
         trial.suggest_float("lr", self.lr_min, self.lr_max, log=True)
         for head in self.weight_heads:
             trial.suggest_float(f"w_{head}", 1e-6, 1.0)
+        if self.loss_kinds:
+            trial.suggest_categorical("loss_kind", list(self.loss_kinds))
+        if self.class_weights:
+            trial.suggest_categorical("class_weights", list(self.class_weights))
 
 
 def default_points(cfg: Config) -> list[dict[str, Any]]:
@@ -103,6 +120,12 @@ def _default_point(cfg: Config, encoder: str) -> dict[str, Any]:
     if _searches_weights(cfg):
         weights = cfg.loss.weights(cfg.model.heads)
         point.update({f"w_{head}": math.exp(-weight) for head, weight in weights.items()})
+    for name, base, choices in (
+        ("loss_kind", cfg.loss.kind, cfg.sweep.search_loss_kinds),
+        ("class_weights", cfg.loss.class_weights, cfg.sweep.search_class_weights),
+    ):
+        if choices:
+            point[name] = base if base in choices else choices[0]
     return point
 
 
@@ -244,6 +267,7 @@ class ProgressLog(tune.Callback):
             parts.append(f"lr={config['lr']:.1e}")
         if "seed" in config:
             parts.append(f"seed={config['seed']}")
+        parts += [f"{key}={config[key]}" for key in ("loss_kind", "class_weights") if key in config]
         return " ".join(parts)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -334,10 +358,12 @@ _TRIAL_ID = re.compile(r"_([0-9a-f]{5,}(?:_[0-9]{5})?)_")
 
 
 def summarise(
-    results: tune.ResultGrid, histories: dict[str, list[dict[str, float]]], epochs: int, metric: str
+    results: tune.ResultGrid, histories: dict[str, list[dict[str, float]]], cfg: Config
 ) -> list[TrialSummary]:
     """Outcomes from Tune; epoch histories from the tracking store, which, unlike Tune's
-    per-session results, stays complete when a trial is restarted or a sweep resumed."""
+    per-session results, stays complete when a trial is restarted or a sweep resumed.
+    Params hold the batch size and learning rate the trial trained at (``encoder_max_batch``)."""
+    epochs, metric = cfg.train.epochs, cfg.sweep.metric
     summaries = []
     for result in results:
         trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
@@ -354,14 +380,29 @@ def summarise(
         if speeds:
             best_metrics["perf/img_per_s"] = sum(speeds) / len(speeds)
             best_metrics["perf/peak_mem_mb"] = max(row["perf/peak_mem_mb"] for row in rows)
+        if rows and best:
+            best_metrics.update(_training_time(rows, int(best["epoch"])))
         config = result.config or {}
         params = {k: v for k, v in config.items() if not k.startswith("w_")}
         raw_weights = {k.removeprefix("w_"): v for k, v in config.items() if k.startswith("w_")}
         params.update({f"loss_weight_{h}": round(w, 4) for h, w in simplex_weights(raw_weights).items()})
+        if "encoder" in params:
+            params["batch_size"], params["lr"] = cfg.sweep.scaled_batch(
+                params["encoder"], params.get("batch_size", cfg.train.batch_size), params.get("lr", cfg.train.lr)
+            )
         checkpoint = _best_checkpoint(result, metric)
         unlogged = sorted(set(range(1, ran + 1)) - logged)
         summaries.append(TrialSummary(trial_id, params, outcome, ran, reason, best_metrics, checkpoint, unlogged))
     return sorted(summaries, key=lambda s: s.trial_id)
+
+
+def _training_time(rows: list[dict[str, float]], best_epoch: int) -> dict[str, float]:
+    """Seconds the trial's epochs took (training and validation), in all and up to its best epoch."""
+    seconds = {int(row["epoch"]): row["perf/epoch_s"] for row in rows if "perf/epoch_s" in row and "epoch" in row}
+    return {
+        "perf/train_s": sum(seconds.values()),
+        "perf/to_best_s": sum(value for epoch, value in seconds.items() if epoch <= best_epoch),
+    }
 
 
 def _best_checkpoint(result: tune.Result, metric: str) -> str | None:

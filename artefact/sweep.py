@@ -25,12 +25,13 @@ from artefact.checkpoint import sweep_checkpoint_bytes
 from artefact.cli import UI_HOST, UI_PORT, allocation_resources
 from artefact.config import Config, SweepRequest, dump_yaml, flatten, read_yaml, to_dict
 from artefact.data.prepare import cache_params, ensure_cache, is_cache
-from artefact.errors import SweepInterrupted, UserError
+from artefact.errors import Problems, SweepInterrupted, UserError
 from artefact.faults import fault_plans
 from artefact.figures import optuna_figures
-from artefact.hardware import check_gpu_supported
+from artefact.hardware import check_cuda_usable, check_gpu_supported
 from artefact.memory import check_fits
-from artefact.models import count_parameters, meta_model, resolve_encoder
+from artefact.models import count_parameters, meta_model
+from artefact.predict import log_best
 from artefact.ray_env import TRIAL_ENV
 from artefact.report import failed_trials, leaderboard, render_text, write_leaderboard, write_plots
 from artefact.search import (
@@ -58,25 +59,39 @@ from artefact.tracking import (
     sweep_exists,
     trial_histories,
 )
+from artefact.weights import check_pretrained, resolve_all
 
 PLOTS_FOLDER = "plots"
 
 
-def check_config(cfg: Config) -> None:
-    """The checks of a config alone (no results folder, store or cluster): encoders, GPU
-    memory, GPU architecture, data path and, inside a SLURM job, that one trial fits the
-    allocation. ``encoder_bench.py --check`` runs just these."""
-    for encoder in cfg.sweep.encoders:
-        resolve_encoder(encoder)
-    check_fits(cfg)
-    fault_plans()
+def check_config(cfg: Config, local_profile: str | None = None) -> None:
+    """The checks of a config alone (no results folder, store or cluster): encoders, their
+    pretrained weights, GPU memory, GPU architecture, data path and, inside a SLURM job, that
+    one trial fits the allocation. Every problem is reported, one line each, so that one
+    run shows them all. ``encoder_bench.py --check`` runs just these, naming
+    ``local_profile`` when the trials will run on this machine: its GPUs must work here."""
+    problems = Problems()
+    encoders = resolve_all(cfg.sweep.encoders, problems)
+    resolve_all(cfg.sweep.encoder_max_batch, problems)
+    with problems.check():
+        check_fits(cfg)
+    with problems.check():
+        check_pretrained(cfg.model.pretrained, encoders)
+    with problems.check():
+        fault_plans()
+    if local_profile is not None:
+        with problems.check():
+            check_cuda_usable(cfg.resources.gpus_per_worker, local_profile)
     if torch.cuda.is_available():
-        check_gpu_supported(torch.device("cuda"))
+        with problems.check():
+            check_gpu_supported(torch.device("cuda"))
     if cfg.data.path is not None and not Path(cfg.data.path).exists():
-        raise UserError(f"--data {cfg.data.path}: no such file or folder.")
+        problems.add(f"--data {cfg.data.path}: no such file or folder.")
     allocation = allocation_resources()
     if allocation is not None:
-        max_concurrent_trials(cfg, allocation)
+        with problems.check():
+            max_concurrent_trials(cfg, allocation)
+    problems.raise_any()
 
 
 def check_results_folder(results: Path, cfg: Config) -> None:
@@ -228,16 +243,17 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
                 f" Continue it with the same command plus --resume --name {request.name}."
             )
         histories = trial_histories(tracking)
-        summaries = summarise(results, histories, cfg.train.epochs, cfg.sweep.metric)
+        summaries = summarise(results, histories, cfg)
         _close_trials(tracking, summaries)
         replaced = close_replaced_trials(tracking, histories, {s.trial_id for s in summaries})
         if cfg.sweep.mode == "search":
             fail_orphaned_study_trials(sweep_dir, request.name)
-        rows = leaderboard(summaries, cfg.sweep.mode)
+        rows = leaderboard(summaries, cfg.sweep.mode, cfg.resources.workers_per_trial * cfg.resources.gpus_per_worker)
         files = write_leaderboard(rows, summaries, cfg.sweep.mode, sweep_dir)
         log_sweep_artifacts(tracking, files)
         plots = _write_plots(request, rows, summaries, histories, sweep_dir / PLOTS_FOLDER, log)
         log_sweep_artifacts(tracking, plots, PLOTS_FOLDER)
+        best_model = log_best(tracking, summaries, cfg.sweep.metric)
         status = "FINISHED"
         log("\n" + render_text(rows, cfg.sweep.mode))
         counts = {o: sum(s.outcome == o for s in summaries) for o in ("completed", "stopped_early", "failed")}
@@ -249,6 +265,7 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         for gap in (s for s in summaries if s.unlogged_epochs):
             log(f"  MLflow lacks epochs {gap.unlogged_epochs} of trial {gap.trial_id}: its store was unreachable")
         log(f"results: {sweep_dir}/ ({', '.join(f.name for f in files)}, {PLOTS_FOLDER}/)")
+        log(best_model)
         log(_mlflow_hint(request.tracking_uri, tracking))
         return rows
     finally:

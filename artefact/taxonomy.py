@@ -88,6 +88,22 @@ def palette() -> np.ndarray:
     return table
 
 
+def class_table(heads: tuple[str, ...]) -> dict[str, object]:
+    """The classes of a model's heads, logged beside it so that its outputs can be read
+    without this code: id, name and fine ids of each class, and the official colours."""
+    table: dict[str, object] = {"ignore_index": IGNORE_INDEX, "background_colour": BACKGROUND_COLOUR}
+    for head in heads:
+        lut = HEAD_LUTS[head][:NUM_FINE]
+        table[head] = [
+            {"id": class_id, "name": name, "fine_ids": np.flatnonzero(lut == class_id).tolist()}
+            for class_id, name in enumerate(HEAD_CLASS_NAMES[head])
+        ]
+    if "fine" in heads:
+        for row, (_, _, colour) in zip(table["fine"], FINE_CLASSES, strict=True):
+            row["colour"] = colour
+    return table
+
+
 def head_targets(mask: np.ndarray, heads: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Map a fine index mask to the target mask of each requested head."""
     return {head: HEAD_LUTS[head][mask] for head in heads}

@@ -8,6 +8,7 @@ to its own run instead of creating a duplicate.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -17,15 +18,17 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import mlflow.version
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import LoggedModelStatus, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
 
 from artefact.errors import UserError
 
@@ -37,6 +40,10 @@ REASON_TAG = "artefact.failure_reason"
 RESUME_NOTE_TAG = "artefact.resume_note"
 BEST_CHECKPOINT_TAG = "artefact.best_checkpoint"
 EVALUATION_TAG = "artefact.evaluation"
+BEST_RUN_TAG = "artefact.best_run"
+"""On the parent run: the run of the trial whose model the sweep logged (``best:<sweep>``)."""
+MODEL_NAME = "model"
+BEST_PREFIX = "best:"
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 FINAL_STATUS = {"completed": "FINISHED", "stopped_early": "FINISHED", "failed": "FAILED", "replaced": "KILLED"}
@@ -400,3 +407,170 @@ def close_trial(sweep: SweepRun, trial_id: str, outcome: str, reason: str | None
         tags.append(RunTag(BEST_CHECKPOINT_TAG, best_checkpoint))
     client.log_batch(run_id, tags=tags)
     client.set_terminated(run_id, status=FINAL_STATUS[outcome])
+
+
+# The sweep's best model: logged at the sweep's end, loaded by ``python -m artefact predict``.
+
+
+def registered_model_name(sweep: str) -> str:
+    return f"artefact-{sweep}"
+
+
+def trial_text(sweep: SweepRun, trial_id: str, name: str) -> str | None:
+    """A text file a trial's run holds (its resolved ``config.yaml``); None when it has none."""
+    client = MlflowClient(sweep.uri)
+    run_id = find_trial_run(client, sweep, trial_id)
+    if run_id is None or name not in {entry.path for entry in client.list_artifacts(run_id)}:
+        return None
+    with tempfile.TemporaryDirectory(prefix="artefact-artifact-") as folder:
+        return Path(client.download_artifacts(run_id, name, folder)).read_text(encoding="utf-8")
+
+
+def log_best_model(
+    sweep: SweepRun, trial_id: str, model: object, files: list[Path], requirements: list[str]
+) -> tuple[str, str | None]:
+    """Log the sweep's best model (``mlflow.pytorch``, with ``files``) into its trial's run,
+    register it as ``artefact-<sweep>`` where the store keeps a registry, then tag the parent
+    run with that run, which ``best:<sweep>`` follows: last, so that the tag never names a
+    run without a complete model. Returns (the run id, the registered version or None)."""
+    import mlflow.pytorch
+
+    client = MlflowClient(sweep.uri)
+    run_id, _ = _get_or_create_trial_run(client, sweep, trial_id)
+    # In the sweep's experiment: MLflow would put a model logged by run id alone in the default one.
+    logged = client.create_logged_model(sweep.experiment_id, name=MODEL_NAME, source_run_id=run_id)
+    # Model.log and the SQL registry look the logged model up in MLflow's global store.
+    with _global_tracking_uri(sweep.uri), _quiet("mlflow.pytorch"):
+        mlflow.pytorch.log_model(
+            model,
+            name=MODEL_NAME,
+            model_id=logged.model_id,
+            run_id=run_id,
+            # Pickled: pt2 (MLflow's default) needs an input example and fixes the input size.
+            serialization_format="pickle",
+            pip_requirements=requirements,
+            extra_files=[str(path) for path in files],
+        )
+        version = _register(client, registered_model_name(sweep.sweep), logged.model_id, run_id)
+    client.set_tag(sweep.parent_run_id, BEST_RUN_TAG, run_id)
+    return run_id, version
+
+
+@contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide store set to ``uri`` for a while: ``log_model``, the SQL registry
+    and ``models:/`` URIs read it, where everything else here names its store explicitly.
+    Set through MLflow's documented variables, read at each call, so that leaving restores
+    exactly what was there (``mlflow.set_tracking_uri`` cannot be undone to "not set")."""
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    os.environ.update(dict.fromkeys(saved, uri))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Hide a logger's warnings for a choice made on purpose (pickling a model we load ourselves)."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
+
+
+def _register(client: MlflowClient, name: str, model_id: str, run_id: str) -> str | None:
+    """A new version of the registered model ``name``; None where the store has no registry."""
+    try:
+        client.search_registered_models(max_results=1)
+    except UnsupportedModelRegistryStoreURIException:
+        return None
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return client.create_model_version(name, f"models:/{model_id}", run_id=run_id, model_id=model_id).version
+
+
+@dataclass
+class TrainedModel:
+    """A model loaded from a run, with the text of the files logged beside it."""
+
+    run_id: str
+    model: object
+    files: dict[str, str]
+
+
+def load_logged_model(uri: str, run: str, map_location: str) -> TrainedModel:
+    """The model logged in ``run`` (a run id, or ``best:<sweep>``), loaded onto ``map_location``."""
+    import mlflow.pytorch
+
+    client = MlflowClient(uri)
+    run_id = _model_run(client, uri, run)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    models = [
+        model
+        for model in client.search_logged_models(
+            [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_NAME}'"
+        )
+        if model.status == LoggedModelStatus.READY
+    ]
+    if not models:
+        raise UserError(
+            f"--run {run}: run {run_id} has no logged model. A sweep logs one, in its best trial's run;"
+            " pass best:<sweep> or that run's id."
+        )
+    model_id = max(models, key=lambda model: model.creation_timestamp).model_id
+    with tempfile.TemporaryDirectory(prefix="artefact-model-") as folder, _global_tracking_uri(uri):
+        path = Path(mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=folder))
+        try:
+            model = mlflow.pytorch.load_model(str(path), map_location=map_location)
+        except Exception as error:  # unpickling runs this code's classes: any error of theirs
+            raise UserError(
+                f"--run {run}: cannot load its model ({type(error).__name__}: {error}); was it logged by"
+                " another version of this code?"
+            ) from None
+        files = {file.name: file.read_text(encoding="utf-8") for file in (path / "extra_files").glob("*")}
+    return TrainedModel(run_id, model, files)
+
+
+def check_store_exists(uri: str) -> None:
+    """``check_store`` for reading: a SQLite store that is not there is an error, not created."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"--tracking-uri {uri}: no MLflow store there; pass the store the sweep logged to.")
+    check_store(uri)
+
+
+def _model_run(client: MlflowClient, uri: str, run: str) -> str:
+    """The run id ``run`` names: itself, or for ``best:<sweep>`` the run the sweep's parent tags."""
+    if not run.startswith(BEST_PREFIX):
+        try:
+            return client.get_run(run).info.run_id
+        except MlflowException:
+            raise UserError(
+                f"--run {run}: the store {uri} has no such run; pass a trial's run id or best:<sweep>."
+            ) from None
+    sweep = run.removeprefix(BEST_PREFIX)
+    experiment = client.get_experiment_by_name(sweep)
+    parents = (
+        client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'")
+        if experiment is not None
+        else []
+    )
+    if not parents:
+        raise UserError(f"--run {run}: the store {uri} has no sweep named {sweep!r}.")
+    best = parents[0].data.tags.get(BEST_RUN_TAG)
+    if best is None:
+        raise UserError(
+            f"--run {run}: sweep {sweep!r} has no logged model; a sweep logs its best trial's model when it"
+            " finishes with at least one scored trial."
+        )
+    return best

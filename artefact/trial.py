@@ -16,6 +16,9 @@ from artefact.config import Config, from_dict
 from artefact.heap import collector_paused
 from artefact.tracking import SweepRun, set_best_checkpoint
 
+SEARCHED_LOSS_FIELDS = {"loss_kind": "kind", "class_weights": "class_weights"}
+"""Trial params (``sweep.search_loss_kinds``, ``sweep.search_class_weights``) -> their ``loss.*`` field."""
+
 
 def in_process(cfg: Config) -> bool:
     """Whether a trial trains in its Tune process (one worker) rather than under a TorchTrainer."""
@@ -23,15 +26,18 @@ def in_process(cfg: Config) -> bool:
 
 
 def apply_trial_params(base: Config, params: dict[str, Any]) -> Config:
-    """The base config with one trial's sampled values filled in."""
-    train: dict[str, Any] = {}
-    for key in ("batch_size", "lr", "seed"):
-        if key in params:
-            train[key] = params[key]
+    """The base config with one trial's sampled values filled in, at the encoder's batch size."""
+    train: dict[str, Any] = {key: params[key] for key in ("batch_size", "lr", "seed") if key in params}
+    train["batch_size"], train["lr"] = base.sweep.scaled_batch(
+        params["encoder"], train.get("batch_size", base.train.batch_size), train.get("lr", base.train.lr)
+    )
     sections: dict[str, Any] = {"model": {"encoder": params["encoder"]}, "train": train}
+    loss = {field: params[name] for name, field in SEARCHED_LOSS_FIELDS.items() if name in params}
     raw_weights = {head: params[f"w_{head}"] for head in base.model.heads if f"w_{head}" in params}
     if raw_weights:
-        sections["loss"] = simplex_weights(raw_weights)
+        loss.update(simplex_weights(raw_weights))
+    if loss:
+        sections["loss"] = loss
     return base.replace(**sections)
 
 

@@ -4,6 +4,8 @@ MLflow child run."""
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import shutil
 import sys
@@ -23,18 +25,22 @@ from artefact.checkpoint import CHECKPOINT_FILE, copy_atomic, load_checkpoint
 from artefact.config import Config, dump_yaml, from_dict
 from artefact.errors import UserError
 from artefact.figures import Evaluation, evaluation_figures
-from artefact.loop import TrialFailure, train
-from artefact.models import TRAINING_FLOP_FACTOR
+from artefact.loop import TrialFailure, class_weight_table, train
+from artefact.models import TRAINING_FLOP_FACTOR, resolve_encoder
 from artefact.tracking import STORE_PATIENCE_S, SweepRun, TrialRun, unless_store_is_away
+from artefact.weights import weights_source
 
 EVALUATION_FOLDER = "evaluation"
+CLASS_WEIGHTS_FILE = "class_weights.csv"
 
 
 def trial_params(cfg: Config) -> dict[str, object]:
-    """The child run's params: what distinguishes one trial from another."""
+    """The child run's params: what distinguishes one trial from another, and what its
+    encoder started from (``weights_source``: a hub commit, a file's sha256, or none)."""
     weights = cfg.loss.weights(cfg.model.heads)
     return {
         "encoder": cfg.model.encoder,
+        "weights_source": weights_source(cfg.model.pretrained, resolve_encoder(cfg.model.encoder)),
         "arch": cfg.model.arch,
         "heads": ",".join(cfg.model.heads),
         "batch_size": cfg.train.batch_size,
@@ -44,6 +50,8 @@ def trial_params(cfg: Config) -> dict[str, object]:
         "seed": cfg.train.seed,
         "epochs": cfg.train.epochs,
         "workers": cfg.resources.workers_per_trial,
+        "loss_kind": cfg.loss.kind,
+        "class_weights": cfg.loss.class_weights,
         **{f"loss_weight_{head}": round(weight, 6) for head, weight in weights.items()},
     }
 
@@ -75,13 +83,14 @@ Elsewhere the interval counts from the trial's start."""
 
 class RayReporter:
     """Forwards each epoch to Ray (metrics + checkpoint) and, on rank 0, to MLflow:
-    metrics per epoch, the resolved config and model summary once, and the best epoch's
-    figures, at most every ``FIGURE_INTERVAL_S`` and at the end."""
+    metrics per epoch, the resolved config, model summary and (given the cache) class-weights
+    table once, and the best epoch's figures, at most every ``FIGURE_INTERVAL_S`` and at the end."""
 
-    def __init__(self, run: TrialRun | None, cfg: Config, send: Send) -> None:
+    def __init__(self, run: TrialRun | None, cfg: Config, send: Send, cache: Path | None = None) -> None:
         self.run = run
         self.cfg = cfg
         self.send = send
+        self.cache = cache
         self.described = False
         self.pending: Evaluation | None = None
         self.drawn_at = -math.inf if cfg.sweep.stops_trials_early else time.monotonic()
@@ -103,9 +112,11 @@ class RayReporter:
         self.send(metrics, checkpoint_dir)
 
     def describe(self) -> None:
-        """The resolved config and the model summary, logged once."""
+        """The resolved config, the model summary and the loss's class weights, logged once."""
         self.run.log_text(dump_yaml(self.cfg), "config.yaml")
         self.run.log_text(model_summary(self.cfg, self.last_metrics), "model_summary.yaml")
+        if self.cache is not None:
+            self.run.log_text(_csv(class_weight_table(self.cfg, self.cache)), CLASS_WEIGHTS_FILE)
 
     def draw_figures(self) -> None:
         """Log the best epoch's figures not yet logged, if any (kept for later if the store is away)."""
@@ -143,13 +154,24 @@ def model_summary(cfg: Config, metrics: dict[str, float]) -> str:
     return yaml.safe_dump(summary, sort_keys=False)
 
 
+def _csv(rows: list[dict[str, object]]) -> str:
+    """Rows as CSV text: the MLflow UI shows a .csv artifact as a table, and a restarted trial
+    replaces it (``log_table`` would append a second copy)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
     """The per-worker entry point of a DDP trial's TorchTrainer."""
     cfg = from_dict(loop_config["config"])
     run = None
     if ray.train.get_context().get_world_rank() == 0 and loop_config.get("sweep") is not None:
         run = TrialRun(loop_config["sweep"], loop_config["trial_id"], trial_params(cfg))
-    _train_and_report(cfg, Path(loop_config["cache"]), RayReporter(run, cfg, send_to_train), ray.train.get_checkpoint())
+    cache = Path(loop_config["cache"])
+    _train_and_report(cfg, cache, RayReporter(run, cfg, send_to_train, cache), ray.train.get_checkpoint())
 
 
 def train_in_trial(cfg: Config, cache: Path, trial_id: str, sweep: SweepRun | None) -> None:
@@ -162,7 +184,7 @@ def train_in_trial(cfg: Config, cache: Path, trial_id: str, sweep: SweepRun | No
     """
     run = TrialRun(sweep, trial_id, trial_params(cfg)) if sweep is not None else None
     try:
-        _train_and_report(cfg, cache, RayReporter(run, cfg, send_to_tune), tune.get_checkpoint())
+        _train_and_report(cfg, cache, RayReporter(run, cfg, send_to_tune, cache), tune.get_checkpoint())
     finally:
         if torch.cuda.is_available():  # the next trial in this process gets the memory back
             torch.cuda.empty_cache()

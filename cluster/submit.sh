@@ -44,9 +44,10 @@ for argument in "$@"; do
     esac
 done
 
-# The profile's node as sbatch flags; then the sweep's own check, so a typo fails now, not in the queue.
+# The profile's node as sbatch flags; then the sweep's own check, so a typo or a missing download
+# fails now, not in the queue (=elsewhere: this login node need not have the job's GPUs).
 read -r -a allocation <<<"$("$ARTEFACT_PYTHON" -m artefact allocation --profile "$profile")"
-"$ARTEFACT_PYTHON" "$ARTEFACT_REPO/sweeps/encoder_bench.py" --check --profile "$profile" "$@" >/dev/null
+"$ARTEFACT_PYTHON" "$ARTEFACT_REPO/sweeps/encoder_bench.py" --check=elsewhere --profile "$profile" "$@" >/dev/null
 mkdir -p "$(dirname "$log_pattern")"
 job=$(sbatch --parsable --nodes="$nodes" --time="$time_limit" "${allocation[@]}" "${extra[@]}" \
     --chdir="$ARTEFACT_REPO" --export="ALL,ARTEFACT_REPO=$ARTEFACT_REPO" --output="$log_pattern" \

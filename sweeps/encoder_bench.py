@@ -78,9 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--verbose", action="store_true", help="show Ray's own logs")
     parser.add_argument(
         "--check",
-        action="store_true",
-        help="only check the profile, flags and config (encoders, GPU memory, --data), then exit;\n"
-        "starts nothing (cluster/submit.sh runs this before it submits)",
+        nargs="?",
+        const="here",
+        choices=("here", "elsewhere"),
+        help="only check the profile, flags and config (encoders, pretrained weights, GPU memory,\n"
+        "--data, ...), print every problem found, then exit; starts nothing. --check (=here) also\n"
+        "checks that this machine's GPUs work for the profile; --check=elsewhere skips that, for\n"
+        "trials that run on other machines (cluster/submit.sh runs it on the login node)",
     )
     return parser.parse_args(argv)
 
@@ -167,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             # output prints a configuration box even at verbose=0 (the older one prints nothing).
             os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the sweep prints its own
+            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # logging the best model
             os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         if args.resume and not args.name:
             raise UserError("--resume needs --name: the sweep to continue.")
@@ -177,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 from artefact.sweep import check_config
 
                 profile, _, cfg = build_config(args)
-            check_config(cfg)
+            check_config(cfg, profile if args.check == "here" and not args.address else None)
             print(f"ok: profile {profile}, {cfg.sweep.mode} mode, encoders {', '.join(cfg.sweep.encoders)}")
             return 0
         with collector_paused():  # the torch, MLflow and Ray stacks load in here

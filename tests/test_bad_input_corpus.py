@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from builders import free_port
+from huggingface_hub import constants
 from mlflow.tracking import MlflowClient
 from sweep_helpers import import_script
 
@@ -37,8 +38,10 @@ FLAGS = _flag_cases()
 
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch) -> Path:
-    """An empty current folder, and the Ray token settings restored after the case."""
+    """An empty current folder, an empty Hugging Face cache, and the Ray token settings
+    restored after the case."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-hub"))
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
     return tmp_path

@@ -291,7 +291,7 @@ def test_check_id_accepts_plain_names(good: str) -> None:
 
 def test_unknown_encoder_lists_close_matches_once() -> None:
     with pytest.raises(
-        UserError, match=r"'convnext_tinny' is not a timm model\. Close matches: convnext_tiny,"
+        UserError, match=r"'convnext_tinny' is neither a timm model nor an SMP encoder\. Close matches: convnext_tiny,"
     ) as error:
         resolve_encoder("convnext_tinny")
     matches = str(error.value).split("Close matches: ")[1].rstrip(".").split(", ")

@@ -44,7 +44,10 @@ def _python_tag_config(tmp_path: Path) -> list[str]:
 TRAIN_ERRORS = {
     "unknown-key": (["train.epoch=3"], r"unknown config key train\.epoch\. Did you mean epochs\?"),
     "python-tag": (_python_tag_config, r"evil\.yaml: not valid safe YAML"),
-    "unknown-encoder": (["model.encoder=convnext_tinny"], r"'convnext_tinny' is not a timm model\. Close matches: "),
+    "unknown-encoder": (
+        ["model.encoder=convnext_tinny"],
+        r"'convnext_tinny' is neither a timm model nor an SMP encoder\. Close matches: ",
+    ),
     "resolution-48": (["data.resolution=48"], r"data\.resolution = 48 is invalid: expected a positive multiple of 32"),
     "upernet-batch-1": (["model.arch=upernet", "train.batch_size=1"], r"train\.batch_size = 1 is invalid"),
     "negative-weight": (["loss.coarse=-0.3"], r"loss\.coarse = -0\.3 is invalid"),

@@ -106,6 +106,13 @@ def test_python_tags_are_refused(tmp_path: Path, tag: str) -> None:
         (["model.heads=[]"], "model.heads"),
         (["loss.fine=-0.5"], "loss.fine"),
         (["loss.binary=0", "loss.coarse=0", "loss.fine=0"], "loss"),
+        (["loss.kind=focal"], "loss.kind"),
+        (["loss.class_weights=inverse"], "loss.class_weights"),
+        (["loss.class_weight_clip=[0.1]"], "loss.class_weight_clip"),
+        (["loss.class_weight_clip=[5, 1]"], "loss.class_weight_clip"),
+        (["loss.class_weight_clip=[0, 10]"], "loss.class_weight_clip"),
+        (["sweep.search_class_weights=[none, inverse]"], "sweep.search_class_weights"),
+        (["sweep.search_loss_kinds=[dice, dice]"], "sweep.search_loss_kinds"),
         (["model.heads=[fine]", "loss.fine=0"], "loss"),
         (["model.arch=upernet", "train.batch_size=1"], "train.batch_size"),
         (["train.batch_size=0"], "train.batch_size"),
@@ -115,11 +122,24 @@ def test_python_tags_are_refused(tmp_path: Path, tag: str) -> None:
         (["train.steps_per_epoch=0"], "train.steps_per_epoch"),
         (["resources.gpus_per_worker=1.5"], "resources.gpus_per_worker"),
         (["sweep.lr_min=0.1", "sweep.lr_max=0.01"], "sweep.lr_min"),
+        (["sweep.encoder_max_batch.mit_b3=0"], "sweep.encoder_max_batch.mit_b3"),
+        (["model.arch=upernet", "sweep.encoder_max_batch.mit_b3=1"], "sweep.encoder_max_batch.mit_b3"),
     ],
 )
 def test_invalid_values_name_the_field(overrides: list[str], field: str) -> None:
     with pytest.raises(UserError, match=rf"config field {field} = .* is invalid: expected"):
         load_config(None, overrides)
+
+
+def test_class_weighting_errors_list_the_allowed_values() -> None:
+    with pytest.raises(UserError) as error:
+        load_config(None, ["loss.class_weights=inverse"])
+    assert str(error.value) == (
+        "config field loss.class_weights = 'inverse' is invalid: expected"
+        " ('none', 'inverse_freq', 'inverse_sqrt', 'inverse_sqrt_log')."
+    )
+    cfg = load_config(None, ["loss.class_weight_clip=[0.05, 20]", "sweep.search_loss_kinds=[dice_focal, dice]"])
+    assert cfg.loss.class_weight_clip == (0.05, 20.0) and cfg.sweep.search_loss_kinds == ("dice_focal", "dice")
 
 
 def test_loss_weights_only_matter_for_the_model_heads() -> None:
@@ -140,6 +160,8 @@ def test_loss_weights_only_matter_for_the_model_heads() -> None:
         ("model.pretrained=3", "has the wrong type; expected bool or str"),
         ("data.in_memory=yes-please", "must be true or false"),
         ("train=5", "train must be a mapping"),
+        ("sweep.encoder_max_batch=[32]", "sweep.encoder_max_batch = \\[32\\] must be a mapping"),
+        ("sweep.encoder_max_batch.mit_b3=big", "sweep.encoder_max_batch.mit_b3 = 'big' must be an integer"),
     ],
 )
 def test_wrong_types(override: str, expected: str) -> None:
@@ -163,3 +185,11 @@ def test_override_syntax() -> None:
         parse_overrides(["train.epochs"])
     with pytest.raises(UserError, match="not valid YAML"):
         parse_overrides(["train.epochs=[1"])
+
+
+def test_an_encoder_that_needs_a_smaller_batch_trains_at_it_with_the_lr_scaled() -> None:
+    """The seeds' rule (POC-5.9: MiT-B3 at 32 with lr 1e-3 x 32 / 96)."""
+    sweep = load_config(None, ["sweep.encoders=[convnext_tiny, mit_b3]", "sweep.encoder_max_batch={mit_b3: 32}"]).sweep
+    assert sweep.scaled_batch("mit_b3", 96, 1e-3) == (32, pytest.approx(1e-3 * 32 / 96))
+    assert sweep.scaled_batch("mit_b3", 16, 1e-3) == (16, 1e-3), "a cap above the batch changes nothing"
+    assert sweep.scaled_batch("convnext_tiny", 96, 1e-3) == (96, 1e-3)

@@ -45,9 +45,14 @@ def _epoch_steps(client: MlflowClient, run_id: str, key: str = "epoch") -> list[
 def read_back(client: MlflowClient, child, reported: list[dict]) -> tuple[int, int, int]:
     """(metric rows a trial reported to Tune, those its MLflow run lacks, rows the run holds
     twice), counted by reading the run back. A restarted trial reports some epochs twice;
-    the run must hold each (epoch, metric) once."""
+    the run must hold each (epoch, metric) once, as the first attempt logged it (a re-run
+    epoch is not logged again, and its metrics may differ: a class's IoU that one attempt
+    could not score, another may)."""
     held: dict[str, list[int]] = {key: _epoch_steps(client, child.info.run_id, key) for key in child.data.metrics}
-    wanted = {(key, int(row["epoch"])) for row in reported for key in row if key == "epoch" or "/" in key}
+    first: dict[int, dict] = {}
+    for row in reported:
+        first.setdefault(int(row["epoch"]), row)
+    wanted = {(key, epoch) for epoch, row in first.items() for key in row if key == "epoch" or "/" in key}
     lost = sum(epoch not in held.get(key, []) for key, epoch in wanted)
     doubled = sum(len(steps) - len(set(steps)) for steps in held.values())
     return len(wanted), lost, doubled
@@ -174,9 +179,14 @@ def test_killed_trial_corrupt_checkpoint_nan_and_oom_in_one_sweep(
     board = (results / "faults" / "leaderboard.md").read_text()
     ranked, _, failures = board.partition("Failed trials")
     assert "tu-test_convnext" in ranked and "tu-test_resnet" not in ranked
-    assert "(encoder=tu-test_resnet, seed=1): TrialOutOfMemory: out of GPU memory" in failures, failures
+    assert (
+        "(encoder=tu-test_resnet, batch_size=8, lr=0.002, seed=1): TrialOutOfMemory: out of GPU memory" in failures
+    ), failures
     assert "train.batch_size=8, data.resolution=64" in failures
-    assert "(encoder=tu-test_resnet, seed=0): TrainingDiverged: the training loss became NaN" in failures
+    assert (
+        "(encoder=tu-test_resnet, batch_size=8, lr=0.002, seed=0): TrainingDiverged: the training loss became NaN"
+        in failures
+    )
     assert "failed" in stdout and "out of GPU memory" in stdout
 
     # Fair mode: the two completed seeds give a mean and a std; no Optuna plots.

@@ -38,8 +38,8 @@ def untrained_metrics(cfg: Config, cache: Path) -> dict[str, float]:
         DataLoader(val_set, batch_size=1),
         val_set.materials,
         [],
-        loop._Normaliser(torch.device("cpu")),
-        cfg.loss.weights(cfg.model.heads),
+        loop.Normaliser(torch.device("cpu")),
+        loop.build_loss(cfg, cache, torch.device("cpu")),
         None,
         cfg.data.resolution,
         cfg.train.batch_size,
@@ -172,6 +172,23 @@ def test_upernet_with_three_heads_and_a_ragged_last_batch(tmp_path: Path, synthe
         0.2 * metrics["train/loss_binary"] + 0.3 * metrics["train/loss_coarse"] + 0.5 * metrics["train/loss_fine"],
         rel=1e-5,
     )
+
+
+def test_class_weights_and_the_loss_kind_reach_training_and_validation(tmp_path: Path, synthetic_cache: Path) -> None:
+    """The same steps on the same crops, unweighted and weighted: every head's losses change
+    and stay finite (the coarse head meets crops without coarse labels)."""
+    runs = {}
+    for weighting in ("none", "inverse_sqrt_log"):
+        cfg = small_config(
+            model={"heads": ["binary", "coarse", "fine"]},
+            loss={"kind": "dice_focal", "class_weights": weighting},
+            data={"crops_per_image": 1},
+            train={"epochs": 1, "steps_per_epoch": 2},
+        )
+        runs[weighting] = train(cfg, synthetic_cache, LocalReporter(tmp_path / weighting, **QUIET))
+    for key in ("train/loss_binary", "train/loss_coarse", "train/loss_fine", "val/loss"):
+        assert math.isfinite(runs["inverse_sqrt_log"][key]), key
+        assert runs["inverse_sqrt_log"][key] != pytest.approx(runs["none"][key], rel=1e-4), key
 
 
 def test_too_few_crops_for_a_batch(synthetic_cache: Path, tmp_path: Path) -> None:

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import segmentation_models_pytorch as smp
 import timm
 import torch
+from builders import small_config
 
 from artefact.config import ModelConfig
 from artefact.errors import UserError
+from artefact.loop import LocalReporter, train
 from artefact.memory import estimate_training_gb
-from artefact.models import ENCODER_ALIASES, build_model, count_parameters, forward_gflop, resolve_encoder
+from artefact.models import (
+    ENCODER_ALIASES,
+    build_model,
+    count_parameters,
+    forward_gflop,
+    resolve_encoder,
+    smp_native_encoders,
+)
 
 CLASSES = {"binary": 2, "coarse": 4, "fine": 16}
 TINY = ("tu-test_convnext", "tu-test_resnet", "tu-test_coatnet", "tu-test_maxvit")
@@ -71,15 +81,42 @@ def test_heads_are_separate_modules_sharing_encoder_and_decoder() -> None:
         ("test_convnext", "tu-test_convnext"),
         ("tu-test_resnet", "tu-test_resnet"),
         ("tu-convnext_tiny.fb_in1k", "tu-convnext_tiny.fb_in1k"),
+        ("segformer_b3", "mit_b3"),
+        ("mit_b0", "mit_b0"),
+        ("efficientnet-b0", "efficientnet-b0"),
+        ("resnet50", "tu-resnet50"),  # in both lists: timm's, as before SMP's own were accepted
     ],
 )
 def test_encoder_names_resolve(name: str, expected: str) -> None:
     assert resolve_encoder(name) == expected
 
 
-def test_every_alias_is_a_timm_model() -> None:
+def test_every_alias_is_a_timm_model_or_an_smp_encoder() -> None:
     for target in ENCODER_ALIASES.values():
-        assert timm.is_model(target.removeprefix("tu-"))
+        assert timm.is_model(target.removeprefix("tu-")) or target in smp_native_encoders()
+
+
+def test_a_typo_of_an_smp_encoder_gets_close_matches_from_its_list() -> None:
+    with pytest.raises(UserError, match=r"'mit_b9' is neither a timm model nor an SMP encoder\. Close matches: mit_b"):
+        resolve_encoder("mit_b9")
+
+
+def test_smp_encoders_are_costed_on_the_meta_device() -> None:
+    """SMP's MiT cannot be built on the meta device; its cost model is built on the CPU instead."""
+    model = ModelConfig("unet", "segformer_b0", ("fine",), False)
+    assert forward_gflop(model, 128) == pytest.approx(4 * forward_gflop(model, 64), rel=0.05)
+    assert estimate_training_gb(model, 64, 8, amp=True) > estimate_training_gb(model, 64, 1, amp=True)
+
+
+@pytest.mark.slow
+def test_an_smp_native_encoder_trains_for_an_epoch(tmp_path: Path, synthetic_cache: Path) -> None:
+    """SegFormer's MiT-B0 (SMP's own encoder, not timm's) under the real loop, three heads."""
+    cfg = small_config(model={"encoder": "mit_b0", "heads": ["binary", "coarse", "fine"]}, train={"epochs": 1})
+    reporter = LocalReporter(tmp_path, log=lambda *_: None)
+    final = train(cfg, synthetic_cache, reporter)
+    assert final["epoch"] == 1 and math.isfinite(final["train/loss"])
+    assert final["model/params"] == count_parameters(build_model(cfg.model, cfg.data.resolution))
+    assert 0.0 <= final["val/miou_fine"] <= 1.0
 
 
 def test_local_pretrained_weights_file_is_loaded(tmp_path: Path) -> None:
@@ -91,6 +128,16 @@ def test_local_pretrained_weights_file_is_loaded(tmp_path: Path) -> None:
     assert torch.all(values == 0.125)
     with pytest.raises(UserError, match="no such weights file"):
         build_model(ModelConfig(pretrained=str(tmp_path / "missing.pth")), 64)
+
+
+def test_a_weights_file_of_another_model_is_refused_not_silently_skipped(tmp_path: Path) -> None:
+    """timm loads a feature extractor's file leniently: another model's keys would only be logged."""
+    torch.save(timm.create_model("test_resnet", pretrained=False).state_dict(), tmp_path / "resnet.pth")
+    with pytest.raises(UserError, match=r"do not fit encoder tu-test_convnext \(only 0 of the 101 keys"):
+        build_model(ModelConfig(encoder="tu-test_convnext", pretrained=str(tmp_path / "resnet.pth")), 64)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot read weights from it"):
+        build_model(ModelConfig(encoder="tu-test_convnext", pretrained=str(tmp_path / "junk.pth")), 64)
 
 
 REAL = [

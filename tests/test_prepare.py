@@ -12,12 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from builders import REPO, Row, random_rows, write_folder, write_png_streaming
 
+from artefact.config import Config, DataConfig
 from artefact.data import prepare as prep
-from artefact.data.prepare import PrepareParams, ensure_cache, prepare, read_index
+from artefact.data.prepare import CLASS_PIXELS, PrepareParams, class_pixels, ensure_cache, prepare, read_index
 from artefact.errors import UserError
-from artefact.taxonomy import VALID_MASK_VALUES
+from artefact.loop import build_loss
+from artefact.losses import class_weights
+from artefact.taxonomy import COARSE_LUT, VALID_MASK_VALUES
 
 QUIET = {"log": lambda *_: None}
 
@@ -182,6 +186,72 @@ def test_synthetic_cache_fixture(synthetic_cache: Path) -> None:
     assert len(index) == 48
     assert sum(r["split"] == "val" for r in index) == 10
     assert len({r["material"] for r in index if r["split"] == "val"}) == 10, "one val image per material"
+
+
+# ------------------------------------------------------------------------------- class pixels
+
+BURN_MARKS = 14
+
+
+def _rows_with_burn_marks_in_validation(burn: bool) -> list[Row]:
+    """Three Paper images (mostly Clean, some Material loss and Lightleak, a little Dust) and a
+    Wood image that, with ``burn``, also holds Burn marks; ``holdout=material=Wood`` makes it
+    the validation side."""
+    rows = random_rows(4, materials=("Paper", "Paper", "Paper", "Wood"))
+    for row in rows:
+        row.mask[row.mask == 7] = 0
+        row.mask[0, :3] = 3
+    if burn:
+        rows[3].mask[:6, :6] = BURN_MARKS
+    return rows
+
+
+def test_class_pixels_and_weights_come_from_the_training_side_only(tmp_path: Path) -> None:
+    params = PrepareParams(holdout="material=Wood", augment_copies=1)
+    rows = _rows_with_burn_marks_in_validation(burn=True)
+    cache = prepare(write_folder(tmp_path / "src", rows), tmp_path / "cache", params, **QUIET)
+    assert [r["split"] for r in read_index(cache) if r["id"] == rows[3].id] == ["val"]
+
+    fine = 2 * sum(np.bincount(row.mask.ravel(), minlength=256) for row in rows[:3])  # each with one flipped copy
+    stored = json.loads((cache / CLASS_PIXELS).read_text())
+    assert stored["side"] == "train" and stored["images"] == 6
+    assert stored["pixels"]["fine"] == fine[:16].tolist()
+    assert stored["pixels"]["binary"] == [fine[0], fine[1:16].sum()]
+    coarse = np.bincount(COARSE_LUT[np.arange(256)], weights=fine, minlength=256)[:4]
+    assert stored["pixels"]["coarse"] == coarse.astype(int).tolist() and stored["pixels"]["coarse"][1] > 0
+    assert stored["pixels"]["fine"][BURN_MARKS] == 0
+
+    # The Burn marks in the validation image give them no weight: the weights are those of a
+    # data set whose validation image has none.
+    other = _rows_with_burn_marks_in_validation(burn=False)
+    without = prepare(write_folder(tmp_path / "src2", other), tmp_path / "cache2", params, **QUIET)
+    assert class_pixels(without) == class_pixels(cache)
+    cfg = Config().replace(loss={"class_weights": "inverse_sqrt_log", "kind": "dice_ce"})
+    weights = build_loss(cfg, cache, torch.device("cpu")).class_weights
+    assert weights is not None and set(weights) == {"binary", "coarse", "fine"}
+    assert weights["fine"][BURN_MARKS].item() == 0.0
+    expected = class_weights(class_pixels(without)["fine"], "inverse_sqrt_log", cfg.loss.class_weight_clip)
+    assert weights["fine"].tolist() == pytest.approx(expected)
+    assert weights["fine"][3].item() > weights["fine"][0].item() > 0, "rare Dust outweighs Clean"
+
+
+def test_a_cache_from_before_class_pixels_gets_them_on_first_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = prepare(_source(tmp_path), tmp_path / "cache", PrepareParams(), **QUIET)
+    stored = (cache / CLASS_PIXELS).read_text()
+    (cache / CLASS_PIXELS).unlink()
+    assert ensure_cache(DataConfig(path=str(cache)), tmp_path / "ws", **QUIET) == cache
+    assert (cache / CLASS_PIXELS).read_text() == stored, "counted from the training masks and saved"
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")) == [], "no temporary file left"
+
+    (cache / CLASS_PIXELS).unlink()
+
+    def read_only(*_) -> None:
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(prep, "_write_class_pixels", read_only)
+    assert class_pixels(cache) == json.loads(stored)["pixels"], "a cache that cannot be written still trains"
 
 
 # ------------------------------------------------------------------------------------- memory

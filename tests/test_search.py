@@ -1,4 +1,5 @@
-"""The sweep's Optuna study after a resume: no trial is left RUNNING once the sweep ends."""
+"""The sweep's Optuna study: its space (searched loss kinds and class weightings reach the
+trial's config) and, after a resume, no trial left RUNNING once the sweep ends."""
 
 from __future__ import annotations
 
@@ -6,7 +7,46 @@ from pathlib import Path
 
 import optuna
 
-from artefact.search import fail_orphaned_study_trials, optuna_storage
+from artefact.config import Config
+from artefact.report import describe_config
+from artefact.search import SearchSpace, default_points, fail_orphaned_study_trials, optuna_storage, space_description
+from artefact.trial import apply_trial_params
+
+
+def test_searched_loss_kinds_and_class_weightings_are_sampled_into_the_trial_config() -> None:
+    cfg = Config().replace(
+        loss={"kind": "dice_ce", "class_weights": "inverse_sqrt_log"},
+        sweep={"search_class_weights": ["none", "inverse_sqrt_log"], "search_loss_kinds": ["dice_focal", "dice"]},
+    )
+    space = SearchSpace.from_config(cfg)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    sampled = set()
+    for _ in range(16):
+        trial = study.ask()
+        space(trial)
+        trial_cfg = apply_trial_params(cfg, trial.params)
+        assert (trial_cfg.loss.kind, trial_cfg.loss.class_weights) == (
+            trial.params["loss_kind"],
+            trial.params["class_weights"],
+        )
+        sampled.add((trial_cfg.loss.kind, trial_cfg.loss.class_weights))
+        study.tell(trial, 0.0)
+    assert sampled == {(k, w) for k in ("dice_focal", "dice") for w in ("none", "inverse_sqrt_log")}
+
+    # The default points take the base config's values, or the first choice where it is not one.
+    points = default_points(cfg)
+    assert [(p["loss_kind"], p["class_weights"]) for p in points] == [("dice_focal", "inverse_sqrt_log")] * 2
+    assert space_description(cfg)["class_weights"] == ["none", "inverse_sqrt_log"]
+    assert "class_weights=none" in describe_config({"encoder": "tu-test_resnet", "class_weights": "none"})
+
+    # Not searched: no such trial param, and every trial keeps the loss.* values.
+    fixed = cfg.replace(sweep={"search_class_weights": [], "search_loss_kinds": []})
+    trial = study.ask()
+    SearchSpace.from_config(fixed)(trial)
+    assert not {"loss_kind", "class_weights"} & set(trial.params)
+    loss = apply_trial_params(fixed, trial.params).loss
+    assert (loss.kind, loss.class_weights) == ("dice_ce", "inverse_sqrt_log")
+    assert space_description(fixed)["class_weights"] == ["inverse_sqrt_log"]
 
 
 def test_a_suggestion_the_killed_sweep_never_recorded_ends_failed_and_the_others_keep_their_state(

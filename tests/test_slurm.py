@@ -228,7 +228,7 @@ def test_config_values_never_reach_a_shell(slurm, tmp_path: Path, synthetic_work
     fields = wait_for_job(job, 240)
     text = log.read_text()
     assert fields["JobState"] == "FAILED", text[-3000:]
-    assert f"model.encoder = {hostile!r} is not a timm model" in text, text[-3000:]
+    assert f"model.encoder = {hostile!r} is neither a timm model nor an SMP encoder" in text, text[-3000:]
     assert not canary.exists()
 
 

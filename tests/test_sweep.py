@@ -50,8 +50,11 @@ def test_default_sweep_logs_every_trial_and_asha_stops_some(default_sweep) -> No
             "loss_weight_binary",
             "loss_weight_coarse",
             "loss_weight_fine",
+            "loss_kind",
+            "class_weights",
         ):
             assert key in child.data.params, key
+        assert child.data.params["weights_source"] == "none"  # cpu-smoke trains from scratch
         for key in (
             "train/loss",
             "val/loss",
@@ -84,6 +87,9 @@ def test_default_sweep_logs_every_trial_and_asha_stops_some(default_sweep) -> No
     rows = list(csv.DictReader(board.open()))
     assert [r["encoder"] for r in rows] and {r["encoder"] for r in rows} == encoders
     assert float(rows[0]["miou_fine"]) >= float(rows[-1]["miou_fine"])
+    for row in rows:  # cost next to quality; no GPU here, so no GPU-hours
+        assert 0 < float(row["to_best_min"]) <= float(row["train_min"]) and row["gpu_h"] == ""
+        assert int(row["batch"]) in (4, 8) and float(row["lr"]) > 0
     assert "miou_fine" in done.stdout and "tu-test_convnext" in done.stdout
 
 
@@ -115,7 +121,7 @@ def test_default_sweep_logs_figures_a_researcher_can_use(default_sweep, tmp_path
 
     for child in children:
         files = _artifact_files(client, child.info.run_id)
-        assert {"config.yaml", "model_summary.yaml"} <= files, files
+        assert {"config.yaml", "model_summary.yaml", "class_weights.csv"} <= files, files
         evaluation = child.data.tags["artefact.evaluation"]  # set once the folder is complete
         assert re.fullmatch(r"evaluation/epoch_\d{3}", evaluation)
         if child.data.tags["artefact.outcome"] == "completed":  # figures are drawn for the best epoch

@@ -85,12 +85,18 @@ def test_a_sweep_that_fails_before_any_trial_leaves_nothing_behind(tmp_path: Pat
 @pytest.mark.parametrize(
     ("flags", "code", "expected"),
     [
-        (["--profile", "v100s-x2"], 0, "ok: profile v100s-x2, search mode, encoders convnext_tiny, swin_tiny"),
+        (
+            # As cluster/submit.sh checks it on a login node: no GPU there, weights not wanted here.
+            ["--profile", "v100s-x2", "--check=elsewhere", "--set", "model.pretrained=false"],
+            0,
+            "ok: profile v100s-x2, search mode, encoders convnext_tiny, swin_tiny",
+        ),
+        (["--encoders", "mit_b3,segformer_b0"], 0, "ok: profile cpu-smoke, search mode, encoders mit_b3, segformer_b0"),
         (["--encoders", "convnext_tinny"], 2, "Close matches: convnext_tiny"),
         (["--set", "train.epoch=3"], 2, "unknown config key train.epoch"),
         (["--name", "../x"], 2, "--name '../x'"),
     ],
-    ids=["good", "bad-encoder", "bad-key", "bad-name"],
+    ids=["good", "smp-encoders", "bad-encoder", "bad-key", "bad-name"],
 )
 def test_check_only_checks_and_starts_nothing(tmp_path: Path, capsys, flags, code, expected) -> None:
     """What cluster/submit.sh and the SLURM job run before anything is queued or started."""
@@ -99,3 +105,27 @@ def test_check_only_checks_and_starts_nothing(tmp_path: Path, capsys, flags, cod
     captured = capsys.readouterr()
     assert expected in captured.out + captured.err
     assert list(tmp_path.iterdir()) == []  # no results, cache or store
+
+
+def test_check_reports_every_problem_at_once(tmp_path: Path, capsys, monkeypatch) -> None:
+    """One line per problem, so that one --check run shows everything to fix."""
+    import torch
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-hub"))  # empty
+    argv = ["--check", "--profile", "v100s-x2", "--encoders", "convnext_tinny,convnext_tiny,mit_b3"]
+    argv += ["--set", "model.pretrained=true", "--set", "resources.gpu_memory_gb=4", "--data", str(tmp_path / "no")]
+    assert encoder_bench.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    expected = [
+        "'convnext_tinny' is neither a timm model nor an SMP encoder",
+        "with convnext_tiny (unet, 384 px) needs about",
+        "with mit_b3 (unet, 384 px) needs about",
+        "the pretrained weights of convnext_tiny, mit_b3 are not in the Hugging Face cache",
+        f"--data {tmp_path / 'no'}: no such file or folder.",
+    ]
+    if not torch.cuda.is_available():
+        expected.append("profile v100s-x2 asks for GPUs (resources.gpus_per_worker = 0.5) but CUDA is not usable here")
+    assert len(lines) == len(expected), lines
+    for part in expected:
+        assert [line.startswith("error: ") for line in lines if part in line] == [True], (part, lines)

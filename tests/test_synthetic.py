@@ -1,4 +1,4 @@
-"""The synthetic ARTeFACT stand-in: layout, value ranges, determinism and class coverage."""
+"""The synthetic ARTeFACT stand-in: layout, value ranges, determinism, class coverage and shares."""
 
 from __future__ import annotations
 
@@ -12,7 +12,27 @@ from PIL import Image
 from artefact.data.parquet import read_parquet
 from artefact.data.synthetic import MATERIALS, generate, render
 from artefact.errors import UserError
-from artefact.taxonomy import IGNORE_INDEX, NUM_FINE, VALID_MASK_VALUES
+from artefact.taxonomy import FINE_NAMES, IGNORE_INDEX, NUM_FINE, VALID_MASK_VALUES
+
+REAL_SHARE_PERCENT = {
+    "Clean": 88.6,
+    "Material loss": 3.3,
+    "Peel": 4.4,
+    "Dust": 0.027,
+    "Scratch": 0.2,
+    "Hair": 0.0065,
+    "Dirt": 0.27,
+    "Fold": 0.78,
+    "Writing": 0.08,
+    "Cracks": 0.57,
+    "Staining": 0.94,
+    "Stamp": 0.044,
+    "Sticker": 0.11,
+    "Puncture": 0.022,
+    "Burn marks": 0.0014,
+    "Lightleak": 0.65,
+}
+"""Each fine class's share of ARTeFACT's labelled pixels (FACTS.md, "Class frequencies (real data)")."""
 
 
 def _folder_arrays(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -77,6 +97,18 @@ def test_every_damage_class_appears(folder48: Path) -> None:
     for _, mask in _folder_arrays(folder48).values():
         seen |= {int(v) for v in np.unique(mask)}
     assert set(range(1, NUM_FINE)) <= seen
+
+
+def test_class_shares_are_within_5x_of_the_real_ones(folder48: Path) -> None:
+    """The default set carries the real imbalance (Clean most of it, Burn marks a few pixels),
+    so a default run exercises the class weights."""
+    counts = np.zeros(256, dtype=np.int64)
+    for _, mask in _folder_arrays(folder48).values():
+        counts += np.bincount(mask.ravel(), minlength=256)
+    shares = dict(zip(FINE_NAMES, 100 * counts[:NUM_FINE] / counts[:NUM_FINE].sum(), strict=True))
+    ratios = {name: round(float(share / REAL_SHARE_PERCENT[name]), 2) for name, share in shares.items()}
+    assert all(1 / 5 <= ratio <= 5 for ratio in ratios.values()), ratios
+    assert shares["Burn marks"] < 0.01 and shares["Clean"] > 80
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:

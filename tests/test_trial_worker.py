@@ -1,20 +1,24 @@
 """A trial's reporter against a real MLflow store: the best epoch's figures are drawn at most
 every FIGURE_INTERVAL_S and at the last epoch, and at the first epoch where ASHA may stop
-the trial."""
+the trial; the class-weights table and the loss params are logged."""
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import random_rows, write_folder
 from mlflow.tracking import MlflowClient
 
 from artefact.config import Config
+from artefact.data.prepare import PrepareParams, class_pixels, prepare
 from artefact.figures import Evaluation
 from artefact.taxonomy import HEAD_CLASS_NAMES
 from artefact.tracking import TrialRun, open_sweep
-from artefact.trial_worker import EVALUATION_FOLDER, RayReporter
+from artefact.trial_worker import CLASS_WEIGHTS_FILE, EVALUATION_FOLDER, RayReporter, trial_params
 
 
 def _epoch(epoch: int) -> tuple[dict[str, float], Evaluation]:
@@ -47,3 +51,31 @@ def test_figures_are_drawn_at_the_last_epoch_not_at_every_improving_one(
     folders = [info.path for info in MlflowClient(uri).list_artifacts(run.run_id, EVALUATION_FOLDER)]
     assert folders == [f"{EVALUATION_FOLDER}/epoch_{epoch:03d}" for epoch in drawn_at_epochs]
     assert sent == [1, 2, 3, 4]
+
+
+def test_the_class_weights_table_and_loss_params_are_logged(tmp_path: Path) -> None:
+    cache = prepare(
+        write_folder(tmp_path / "src", random_rows(6)), tmp_path / "cache", PrepareParams(), log=lambda *_: None
+    )
+    cfg = Config().replace(
+        model={"heads": ["coarse", "fine"]}, loss={"kind": "dice_ce", "class_weights": "inverse_sqrt"}
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = TrialRun(open_sweep(uri, "weights", {}), "trial-1", trial_params(cfg))
+    reporter = RayReporter(run, cfg, lambda *_: None, cache)
+    reporter.report(_epoch(1)[0], None, None)
+    reporter.close()
+
+    client = MlflowClient(uri)
+    params = client.get_run(run.run_id).data.params
+    assert (params["loss_kind"], params["class_weights"]) == ("dice_ce", "inverse_sqrt")
+    local = client.download_artifacts(run.run_id, CLASS_WEIGHTS_FILE, str(tmp_path / "down"))
+    rows = list(csv.DictReader(io.StringIO(Path(local).read_text())))
+    assert len(rows) == 4 + 16 and {row["head"] for row in rows} == {"coarse", "fine"}
+    lightleak = next(row for row in rows if row["head"] == "fine" and row["class_name"] == "Lightleak")
+    pixels = class_pixels(cache)["fine"]
+    assert int(lightleak["class_id"]) == 15 and int(lightleak["train_pixels"]) == pixels[15] > 0
+    assert float(lightleak["frequency"]) == pytest.approx(pixels[15] / sum(pixels))
+    assert float(lightleak["weight"]) > 0
+    absent = next(row for row in rows if row["head"] == "fine" and row["class_name"] == "Burn marks")
+    assert (absent["train_pixels"], float(absent["weight"])) == ("0", 0.0)

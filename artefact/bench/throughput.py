@@ -23,7 +23,7 @@ from artefact.config import Config
 from artefact.data.dataset import TrainDataset, load_split
 from artefact.hardware import configure_kernels, peak_tflops, select_device
 from artefact.loop import Ranks, make_train_loader, train
-from artefact.losses import multitask_loss
+from artefact.losses import MultitaskLoss
 from artefact.models import TRAINING_FLOP_FACTOR, build_model, forward_gflop
 from artefact.taxonomy import HEAD_LUTS
 
@@ -68,8 +68,8 @@ def bare_step_speed(
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     net = torch.compile(model) if compile_model else model
-    weights = cfg.loss.weights(cfg.model.heads)
-    targets = {head: torch.from_numpy(HEAD_LUTS[head]).to(device)[fine].long() for head in weights}
+    criterion = MultitaskLoss(cfg.loss.weights(cfg.model.heads), cfg.loss.kind)  # unweighted: no cache here
+    targets = {head: torch.from_numpy(HEAD_LUTS[head]).to(device)[fine].long() for head in criterion.head_weights}
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if device.type == "cuda":
@@ -78,7 +78,7 @@ def bare_step_speed(
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             outputs = net(images)
-        loss, _ = multitask_loss(outputs, targets, weights)
+        loss, _ = criterion(outputs, targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

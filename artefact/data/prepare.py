@@ -1,9 +1,10 @@
 """``prepare``: turn a raw source into a training cache, one image at a time.
 
 The cache is ``images/<id>.npy`` (H x W x 3 uint8), ``masks/<id>.npy`` (H x W uint8),
-``index.csv`` and ``manifest.json``. It is built in a sibling ``.partial`` folder and
-renamed into place only when complete, so an interrupted run never leaves a folder that
-looks like a cache. Re-running with the same parameters reuses the cache.
+``index.csv``, ``manifest.json`` and ``class_pixels.json`` (each head's labelled pixels per
+class on the training side, where class weights come from). It is built in a sibling
+``.partial`` folder and renamed into place only when complete, so an interrupted run never
+leaves a folder that looks like a cache. Re-running with the same parameters reuses the cache.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +30,11 @@ from artefact.data.sample import Sample, check_mask, check_mask_values, decode
 from artefact.data.split import GroupInfo, assign_splits
 from artefact.data.synthetic import generate
 from artefact.errors import UserError
+from artefact.taxonomy import HEAD_CLASS_NAMES, HEAD_LUTS
 
 MANIFEST = "manifest.json"
 INDEX = "index.csv"
+CLASS_PIXELS = "class_pixels.json"
 CACHE_VERSION = 1
 INDEX_COLUMNS = ("id", "group", "material", "content", "split", "height", "width")
 AUGMENTATIONS = ("hflip", "vflip", "rot90")
@@ -98,6 +102,7 @@ def prepare(source: Path, out: Path, params: PrepareParams, log=print) -> Path:
         rows += _augment_training_side(rows, partial, params.augment_copies)
         counts = {side: sum(r["split"] == side for r in rows) for side in ("train", "val")}
         _write_index(partial / INDEX, rows)
+        _write_class_pixels(partial, _count_class_pixels(partial, rows))
         manifest = {
             "version": CACHE_VERSION,
             "fingerprint": fingerprint,
@@ -137,8 +142,8 @@ def _write_samples(samples: Iterator[Sample], out: Path, params: PrepareParams, 
             raise UserError(f"{where}: the id appears twice in the source; ids must be unique.")
         seen.add(sample.id)
         check_mask(sample.mask, sample.image.size, where)
-        size = _bounded_size(sample.image.size, params.max_side)
-        image = _shrink_image(sample.image, size, where)
+        size = bounded_size(sample.image.size, params.max_side)
+        image = shrink_image(sample.image, size, where)
         np.save(out / "images" / f"{sample.id}.npy", image)
         del image
         sample.image.close()  # drop the decoded full-size image before the mask is decoded
@@ -161,13 +166,13 @@ def _write_samples(samples: Iterator[Sample], out: Path, params: PrepareParams, 
     return rows
 
 
-def _bounded_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+def bounded_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
     width, height = size
     scale = min(1.0, max_side / max(width, height))
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _shrink_image(image: Image.Image, size: tuple[int, int], where: str) -> np.ndarray:
+def shrink_image(image: Image.Image, size: tuple[int, int], where: str) -> np.ndarray:
     """Decode at reduced scale where the codec allows (JPEG draft), then box-reduce and resize.
 
     Each step drops the larger image before the next is made, which bounds peak memory
@@ -227,6 +232,51 @@ def read_index(cache: Path) -> list[dict]:
     return rows
 
 
+def class_pixels(cache: Path) -> dict[str, list[int]]:
+    """Each head's labelled pixels per class id on the cache's training side only.
+
+    A cache prepared before these were stored gets them counted now, and saved if it can be
+    written (a read-only one is counted again next time).
+    """
+    path = cache / CLASS_PIXELS
+    if path.is_file():
+        return json.loads(path.read_text())["pixels"]
+    record = _count_class_pixels(cache, read_index(cache))
+    try:
+        _write_class_pixels(cache, record)
+    except OSError:
+        pass
+    return record["pixels"]
+
+
+def _count_class_pixels(cache: Path, rows: list[dict]) -> dict[str, object]:
+    """Per head, via the taxonomy's lookup tables, over the training rows (offline augmented
+    copies included), one mask at a time: a validation-only class gets no pixels here."""
+    fine = np.zeros(256, dtype=np.int64)
+    images = 0
+    for row in rows:
+        if row["split"] == "train":
+            fine += np.bincount(np.load(cache / "masks" / f"{row['id']}.npy").ravel(), minlength=256)
+            images += 1
+    pixels = {
+        head: [int(fine[HEAD_LUTS[head] == class_id].sum()) for class_id in range(len(names))]
+        for head, names in HEAD_CLASS_NAMES.items()
+    }
+    return {"side": "train", "images": images, "pixels": pixels}
+
+
+def _write_class_pixels(cache: Path, record: dict[str, object]) -> None:
+    """Written beside and renamed, so that a reader never sees half a file."""
+    handle, temporary = tempfile.mkstemp(dir=cache, prefix=f".{CLASS_PIXELS}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            json.dump(record, file, indent=2)
+        os.replace(temporary, cache / CLASS_PIXELS)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def params_from(cfg: DataConfig) -> PrepareParams:
     """The cache-shaping subset of the data config (same field names)."""
     return PrepareParams(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(PrepareParams)})
@@ -239,7 +289,11 @@ def cache_params(cache: Path) -> dict[str, object]:
 
 def ensure_cache(cfg: DataConfig, workspace: Path, log=print) -> Path:
     """The cache a run trains on: the given cache, a cache prepared from a raw source, or
-    the built-in synthetic data set (generated on first use and reused afterwards)."""
+    the built-in synthetic data set (generated on first use and reused afterwards).
+
+    Its class pixel counts are made here if it lacks them (an older cache), once, rather
+    than in each trial.
+    """
     if cfg.path is None:
         source = workspace / "synthetic"
         if not is_folder_source(source):
@@ -248,7 +302,10 @@ def ensure_cache(cfg: DataConfig, workspace: Path, log=print) -> Path:
     else:
         source = Path(cfg.path).expanduser().resolve()
         if is_cache(source):
+            class_pixels(source)
             return source
     params = params_from(cfg)
     key = hashlib.sha256(f"{source}:{json.dumps(params.__dict__, sort_keys=True)}".encode()).hexdigest()[:10]
-    return prepare(source, workspace / f"cache-{source.name}-{key}", params, log)
+    cache = prepare(source, workspace / f"cache-{source.name}-{key}", params, log)
+    class_pixels(cache)
+    return cache

@@ -1,0 +1,76 @@
+"""The leaderboard states cost next to quality, as the seeds' tables did, and which batch and
+learning rate each encoder trained at."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from artefact.config import load_config
+from artefact.errors import UserError
+from artefact.memory import check_fits
+from artefact.report import leaderboard, render_text, write_leaderboard
+from artefact.search import TrialSummary, _training_time
+from artefact.trial import apply_trial_params
+
+
+def _trial(trial_id: str, encoder: str, score: float, train_s: float, outcome: str = "completed") -> TrialSummary:
+    best = {
+        "val/miou_fine": score,
+        "perf/img_per_s": 100.0,
+        "perf/peak_mem_mb": 2048.0,
+        "model/params": 3e7,
+        "perf/train_s": train_s,
+        "perf/to_best_s": train_s / 2,
+    }
+    params = {"encoder": encoder, "batch_size": 32 if encoder == "mit_b3" else 96, "lr": 1e-3}
+    return TrialSummary(trial_id, params, outcome, 50, None if outcome != "failed" else "boom", best)
+
+
+def test_fair_rows_state_minutes_per_trial_to_the_best_epoch_and_the_encoders_gpu_hours(tmp_path: Path) -> None:
+    summaries = [
+        _trial("a", "convnext_tiny", 0.25, 1800),
+        _trial("b", "convnext_tiny", 0.27, 2400),
+        _trial("c", "mit_b3", 0.37, 3600),
+        _trial("d", "mit_b3", 0.0, 600, outcome="failed"),  # paid for, never ranked
+    ]
+    rows = leaderboard(summaries, "fair", gpus_per_trial=1.0)
+    assert [row["encoder"] for row in rows] == ["mit_b3", "convnext_tiny"]
+    mit, convnext = rows
+    assert mit["trials"] == 1 and mit["gpu_h"] == pytest.approx((3600 + 600) / 3600)
+    assert convnext["train_min"] == pytest.approx((35.0, 7.0710678), rel=1e-6)  # mean ± std of 30 and 40
+    assert convnext["to_best_min"][0] == pytest.approx(17.5)
+    assert convnext["gpu_h"] == pytest.approx(4200 / 3600)
+    assert (mit["batch"], mit["lr"], convnext["batch"]) == (32, 1e-3, 96)
+
+    text = render_text(rows, "fair")
+    assert "35.00 ± 7.07" in text and "1.17" in text and "gpu_h" in text.splitlines()[0]
+    board = list(csv.DictReader(write_leaderboard(rows, summaries, "fair", tmp_path)[0].open()))
+    assert board[0]["encoder"] == "mit_b3" and float(board[0]["gpu_h"]) == pytest.approx(4200 / 3600 * 1)
+    assert float(board[1]["train_min_std"]) == pytest.approx(7.0710678)
+
+
+def test_cpu_trials_have_no_gpu_hours() -> None:
+    (row,) = leaderboard([_trial("a", "tu-test_convnext", 0.1, 60)], "search", gpus_per_trial=0.0)
+    assert row["gpu_h"] is None and row["train_min"] == (1.0, 0.0)
+    assert render_text([row], "search").splitlines()[2].rstrip().endswith("-")
+
+
+def test_training_time_adds_the_epochs_up_to_the_best_one() -> None:
+    rows = [{"epoch": 1, "perf/epoch_s": 10.0}, {"epoch": 2, "perf/epoch_s": 12.0}, {"epoch": 3, "perf/epoch_s": 11.0}]
+    assert _training_time(rows, best_epoch=2) == {"perf/train_s": 33.0, "perf/to_best_s": 22.0}
+
+
+def test_a_trial_of_an_encoder_with_a_smaller_batch_trains_at_it_and_the_memory_check_uses_it() -> None:
+    poc55 = ["model.arch=upernet", "resources.gpus_per_worker=1", "resources.gpu_memory_gb=6", "data.resolution=384"]
+    capped = load_config(
+        None, [*poc55, "sweep.mode=fair", "sweep.encoders=[maxvit_tiny]", "sweep.encoder_max_batch={maxvit_tiny: 4}"]
+    )
+    trial = apply_trial_params(capped, {"encoder": "maxvit_tiny", "seed": 0})
+    assert (trial.train.batch_size, trial.train.lr) == (4, pytest.approx(capped.train.lr / 2))
+    check_fits(capped)  # about 3.8 GB at batch 4
+    uncapped = load_config(None, [*poc55, "sweep.mode=fair", "sweep.encoders=[maxvit_tiny]"])
+    with pytest.raises(UserError, match=r"batch size 8 with maxvit_tiny .* sweep\.encoder_max_batch\.maxvit_tiny"):
+        check_fits(uncapped)
