@@ -160,9 +160,8 @@ def _read_weights_file(file: Path) -> dict[str, torch.Tensor]:
     try:
         return timm.models.load_state_dict(str(file))
     except Exception as error:  # torch, pickle and safetensors each raise their own kinds
-        raise UserError(
-            f"model.pretrained = {str(file)!r}: cannot read weights from it ({type(error).__name__}: {one_line(error)})."
-        ) from None
+        reason = f"{type(error).__name__}: {one_line(error)}"
+        raise UserError(f"model.pretrained = {str(file)!r}: cannot read weights from it ({reason}).") from None
 
 
 def _check_timm_file(file: Path, encoder: str, kwargs: dict) -> None:
