@@ -160,9 +160,9 @@ CASES: dict[str, Case] = {
         _folder(lambda root, rows: _save(root / "annotations" / "s000.png", np.zeros((40, 48, 3), np.uint8))),
         r"annotation has mode 'RGB', but a single-channel index mask",
     ),
-    "16-bit-mask": Case(
-        _folder(lambda root, rows: _save(root / "annotations" / "s000.png", np.zeros((40, 48), np.uint16))),
-        r"annotation has mode 'I;16'",
+    "16-bit-mask-values-outside": Case(
+        _folder(lambda root, rows: _save(root / "annotations" / "s000.png", np.full((40, 48), 300, np.uint16))),
+        r"sample s000 annotation: the annotation holds values from 300 to 300, outside 0\.\.15 and 255",
     ),
     "metadata-without-material": Case(
         _folder(lambda root, rows: _rewrite_metadata(root, rows, ("id", "content"))),
@@ -170,11 +170,15 @@ CASES: dict[str, Case] = {
     ),
     "missing-annotation-file": Case(
         _folder(lambda root, rows: (root / "annotations" / "s005.png").unlink()),
-        r"metadata\.csv:7: annotation .*annotations/s005\.png is missing",
+        r"metadata\.csv:7: no annotation .*annotations/s005\.\*",
     ),
     "missing-image-file": Case(
         _folder(lambda root, rows: (root / "images" / "s001.png").unlink()),
         r"metadata\.csv:3: no image .*images/s001\.\*",
+    ),
+    "two-images-for-one-id": Case(
+        _folder(lambda root, rows: _save(root / "images" / "s001.tif", rows[1].image)),
+        r"metadata\.csv:3: .*images/s001\.png and .*images/s001\.tif are each the image of s001; keep one",
     ),
     "duplicate-id": Case(
         _folder(lambda root, rows: _rewrite_metadata(root, [*rows, rows[0]])),

@@ -1,4 +1,7 @@
-"""The folder layout: ``images/<id>.<ext>``, ``annotations/<id>.png``, ``metadata.csv``."""
+"""The folder layout: ``images/<id>.<ext>``, ``annotations/<id>.<ext>``, ``metadata.csv``.
+
+``<ext>`` is any suffix of a format Pillow reads (.png, .jpg, .tif, .webp, ...).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ from artefact.errors import UserError
 
 METADATA = "metadata.csv"
 REQUIRED_COLUMNS = ("id", "material", "content")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
 
 
 def is_folder_source(path: Path) -> bool:
@@ -31,13 +33,12 @@ def read_folder(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Sa
                 f"{metadata}: missing column(s) {missing}; the header must include"
                 f" {', '.join(REQUIRED_COLUMNS)} (optional: group)."
             )
+        images, masks = _by_id(root / "images"), _by_id(root / "annotations")
         for line, row in enumerate(reader, start=2):
             where = f"{metadata}:{line}"
             sample_id = check_id(row["id"], where)
-            image_path = _find_image(root / "images", sample_id, where)
-            mask_path = root / "annotations" / f"{sample_id}.png"
-            if not mask_path.is_file():
-                raise UserError(f"{where}: annotation {mask_path} is missing; add it or drop the row.")
+            image_path = _pick(images, root / "images", sample_id, where, "image")
+            mask_path = _pick(masks, root / "annotations", sample_id, where, "annotation")
             yield Sample(
                 id=sample_id,
                 image=open_image(image_path, str(image_path), max_pixels),
@@ -48,12 +49,28 @@ def read_folder(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Sa
             )
 
 
-def _find_image(folder: Path, sample_id: str, where: str) -> Path:
-    for suffix in IMAGE_SUFFIXES:
-        candidate = folder / f"{sample_id}{suffix}"
-        if candidate.is_file():
-            return candidate
-    raise UserError(f"{where}: no image {folder}/{sample_id}.* ({'/'.join(IMAGE_SUFFIXES)}); add it or drop the row.")
+def _by_id(folder: Path) -> dict[str, list[Path]]:
+    """The files in ``folder`` of a format Pillow reads, by name without the suffix: one
+    listing for the whole folder, rather than a search per row."""
+    readable = {suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.OPEN}
+    found: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if path.suffix.lower() in readable and path.is_file():
+            found.setdefault(path.stem, []).append(path)
+    return found
+
+
+def _pick(found: dict[str, list[Path]], folder: Path, sample_id: str, where: str, what: str) -> Path:
+    """The one file for ``sample_id``; two are refused, since which one is meant would be a guess."""
+    paths = found.get(sample_id, [])
+    if not paths:
+        raise UserError(
+            f"{where}: no {what} {folder}/{sample_id}.* (.png, .jpg, .tif or another format Pillow reads);"
+            " add it or drop the row."
+        )
+    if len(paths) > 1:
+        raise UserError(f"{where}: {' and '.join(map(str, paths))} are each the {what} of {sample_id}; keep one.")
+    return paths[0]
 
 
 class FolderWriter:

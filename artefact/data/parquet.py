@@ -1,12 +1,11 @@
 """ARTeFACT parquet shards in the Hugging Face layout, and their download.
 
 Each image column is the ``datasets`` Image feature: a struct ``{bytes, path}``. Shards
-are read one row group and one image column at a time, and the encoded images are kept as
-zero-copy buffers: a 200 MP image costs its encoded bytes twice while it is read (page
-by page, ``parquet_pages``) and its encoded bytes plus its decoded pixels while it decodes.
-A column the page reader cannot read (Hadoop-framed LZ4, or damaged) is read by Arrow,
-which holds about four copies of a large image while it reads it, and which names what is
-wrong with a damaged shard.
+are read by Arrow one row group and one image column at a time, through a small read
+buffer rather than a whole column chunk at once, and the encoded images are kept as
+zero-copy slices of the column. A large image then costs about three copies of its
+encoded bytes while it is read and one while it decodes (docs/performance.md, "Parquet
+reading (issue 21)").
 """
 
 from __future__ import annotations
@@ -21,11 +20,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from artefact.data.parquet_pages import UNREADABLE, leaf_index, read_binary_column
 from artefact.data.sample import DEFAULT_MAX_PIXELS, Sample, check_id, open_image
 from artefact.errors import UserError
 
 HF_REPO = "danielaivanova/damaged-media"
+READ_BUFFER = 1 << 20
+"""Arrow reads a column chunk through a buffer of this size (with ``pre_buffer`` off). By
+default it reads the whole chunk into memory first, and that copy of an image's compressed
+page stays alive beside the decompressed page and the decoded values: four copies of the
+image at once instead of three."""
 REQUIRED_COLUMNS = ("id", "image", "annotation", "material", "content")
 TEXT_COLUMNS = ("id", "material", "content")
 IMAGE_COLUMNS = ("image", "annotation")
@@ -61,7 +64,7 @@ def read_parquet(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[S
     """Yield samples from every shard, one row group's encoded images in memory at a time."""
     for shard in shard_paths(root):
         try:
-            parquet = pq.ParquetFile(shard)
+            parquet = pq.ParquetFile(shard, pre_buffer=False, buffer_size=READ_BUFFER)
         except (pa.ArrowException, OSError) as error:
             raise UserError(f"{shard}: not a readable parquet file ({error}); re-download the shard.") from None
         missing = [c for c in REQUIRED_COLUMNS if c not in parquet.schema_arrow.names]
@@ -73,7 +76,7 @@ def read_parquet(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[S
             if not _is_image_struct(parquet.schema_arrow.field(column).type):
                 raise UserError(f"{shard}: column {column!r} must be an Image struct {{bytes: binary, path: string}}.")
         try:
-            for row_number, row in enumerate(_rows(shard, parquet)):
+            for row_number, row in enumerate(_rows(parquet)):
                 yield _sample(row, f"{shard} row {row_number}", max_pixels)
         except (pa.ArrowException, OSError) as error:
             raise UserError(f"{shard}: the file is truncated or corrupt ({error}); re-download the shard.") from None
@@ -86,29 +89,19 @@ def _is_image_struct(kind: pa.DataType) -> bool:
     return pa.types.is_binary(encoded) or pa.types.is_large_binary(encoded)
 
 
-def _rows(shard: Path, parquet: pq.ParquetFile) -> Iterator[dict]:
-    """Rows with each image cell as a buffer (or None), one row group at a time."""
-    leaves = {column: leaf_index(parquet.metadata, f"{column}.bytes") for column in IMAGE_COLUMNS}
+def _rows(parquet: pq.ParquetFile) -> Iterator[dict]:
+    """Rows with each image cell as a buffer (or None), one row group at a time. Arrow's
+    scratch memory goes back to the OS before any image is decoded: the allocator would
+    otherwise keep it."""
     for group in range(parquet.num_row_groups):
         rows = parquet.read_row_group(group, columns=list(TEXT_COLUMNS), use_threads=False).to_pylist()
-        for column, leaf in leaves.items():
-            for row, cell in zip(rows, _image_cells(shard, parquet, group, column, leaf), strict=True):
-                row[column] = cell if cell is not None and cell.size else None
+        for column in IMAGE_COLUMNS:
+            table = parquet.read_row_group(group, columns=[column], use_threads=False)
+            for row, cell in zip(rows, _encoded_images(table.column(column)), strict=True):
+                row[column] = cell
+            del table
+            pa.default_memory_pool().release_unused()
         yield from rows
-
-
-def _image_cells(shard: Path, parquet: pq.ParquetFile, group: int, column: str, leaf: int) -> list[pa.Buffer | None]:
-    """One image column's encoded images in one row group, read page by page (Arrow reads the
-    layouts the page reader does not). The reader's scratch memory goes back to the OS
-    before any image is decoded: the allocator would otherwise keep it."""
-    try:
-        cells = read_binary_column(shard, parquet.metadata, group, leaf)
-    except UNREADABLE:
-        table = parquet.read_row_group(group, columns=[column], use_threads=False)
-        cells = list(_encoded_images(table.column(column)))
-        del table
-    pa.default_memory_pool().release_unused()
-    return cells
 
 
 def _encoded_images(column: pa.ChunkedArray) -> Iterator[pa.Buffer | None]:
@@ -128,13 +121,49 @@ def _encoded_images(column: pa.ChunkedArray) -> Iterator[pa.Buffer | None]:
                 yield values.slice(int(ends[index]), int(ends[index + 1] - ends[index]))
 
 
+class _CellFile(io.RawIOBase):
+    """An encoded image in an Arrow buffer as a read-only file, without copying it. Arrow's
+    own BufferReader will not do: Pillow probes some formats (a palette TIFF, as ``datasets``
+    stores P-mode masks) with ``readline``, which it lacks, and seeks past the end, which it
+    refuses."""
+
+    def __init__(self, buffer: pa.Buffer) -> None:
+        super().__init__()
+        self._data = memoryview(buffer).cast("B")
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._data)}[whence]
+        if start + offset < 0:
+            raise ValueError(f"seek to {start + offset}, before the start")
+        self._position = start + offset
+        return self._position
+
+    def readinto(self, target: bytearray | memoryview) -> int:
+        view = memoryview(target).cast("B")
+        chunk = self._data[self._position : self._position + len(view)]
+        view[: len(chunk)] = chunk
+        self._position += len(chunk)
+        return len(chunk)
+
+
 def _sample(row: dict, where: str, max_pixels: int) -> Sample:
     sample_id = check_id(row["id"], where)
     images = {}
     for column in IMAGE_COLUMNS:
         if row[column] is None:
             raise UserError(f"{where} (id {sample_id}): column {column!r} has no image bytes.")
-        images[column] = open_image(pa.BufferReader(row[column]), f"{where} (id {sample_id}) {column}", max_pixels)
+        cell = io.BufferedReader(_CellFile(row[column]))
+        images[column] = open_image(cell, f"{where} (id {sample_id}) {column}", max_pixels)
     return Sample(
         id=sample_id,
         image=images["image"],

@@ -26,7 +26,7 @@ from PIL import Image
 from artefact.config import DataConfig
 from artefact.data.folder import is_folder_source, read_folder
 from artefact.data.parquet import read_parquet, shard_paths
-from artefact.data.sample import Sample, check_mask, check_mask_values, decode
+from artefact.data.sample import Sample, check_mask, class_ids, decode
 from artefact.data.split import GroupInfo, assign_splits
 from artefact.data.synthetic import generate
 from artefact.errors import UserError
@@ -147,8 +147,7 @@ def _write_samples(samples: Iterator[Sample], out: Path, params: PrepareParams, 
         np.save(out / "images" / f"{sample.id}.npy", image)
         del image
         sample.image.close()  # drop the decoded full-size image before the mask is decoded
-        mask = decode(sample.mask, f"{where} annotation")
-        check_mask_values(mask, f"{where} annotation")
+        mask = class_ids(sample.mask, f"{where} annotation")
         mask_array = np.asarray(mask.resize(size, Image.Resampling.NEAREST) if mask.size != size else mask)
         np.save(out / "masks" / f"{sample.id}.npy", mask_array.astype(np.uint8, copy=False))
         rows.append(
@@ -180,6 +179,8 @@ def shrink_image(image: Image.Image, size: tuple[int, int], where: str) -> np.nd
     """
     image.draft("RGB", size)
     image = decode(image, where)
+    if image.mode == "I;16":  # 0..65535 to 0..255; Pillow's own conversion would clip at 255
+        image = image.point(lambda value: value / 256)
     if image.mode != "RGB":
         image = image.convert("RGB")
     factor = min(image.width // size[0], image.height // size[1])

@@ -90,12 +90,17 @@ def decode(image: Image.Image, where: str) -> Image.Image:
     return image
 
 
+MASK_MODES = ("L", "P", "1", "I;16", "I")
+"""Single-channel modes an index mask can come in: ``datasets`` stores a bool array as a
+mode-1 PNG and a uint16 or int32 one as a TIFF of mode I;16 or I."""
+
+
 def check_mask(mask: Image.Image, image_size: tuple[int, int], where: str) -> None:
     """An index mask: one channel, the image's size (checked before decoding)."""
-    if mask.mode not in ("L", "P"):
+    if mask.mode not in MASK_MODES:
         raise UserError(
             f"{where}: the annotation has mode {mask.mode!r}, but a single-channel index mask"
-            " (mode 'L') is expected. Use the `annotation` column, not `annotation_rgb`."
+            f" (mode {', '.join(MASK_MODES)}) is expected. Use the `annotation` column, not `annotation_rgb`."
         )
     if mask.size != image_size:
         raise UserError(
@@ -104,14 +109,30 @@ def check_mask(mask: Image.Image, image_size: tuple[int, int], where: str) -> No
         )
 
 
-def check_mask_values(mask: Image.Image, where: str) -> None:
-    """Mask values must be class ids 0..15 or the Background index 255.
+def class_ids(mask: Image.Image, where: str) -> Image.Image:
+    """Decode a mask that passed ``check_mask`` into an L or P image whose values are class
+    ids, checked to be 0..15 or the Background index 255.
 
-    Pillow's histogram counts values without copying a (possibly 200 MP) mask.
+    A mode-1 mask holds ids 0 and 1: Pillow keeps a set pixel as 255, but as an array (as
+    ``datasets`` users see it) it is 1. A 16- or 32-bit mask is narrowed once its extrema
+    show every value fits. Extrema and histogram count values without copying a (possibly
+    200 MP) mask.
     """
+    mask = decode(mask, where)
+    if mask.mode == "1":
+        mask = mask.convert("L").point(lambda value: value // 255)
+    elif mask.mode in ("I;16", "I"):
+        low, high = mask.getextrema()
+        if low < 0 or high > 255:
+            raise UserError(
+                f"{where}: the annotation holds values from {low} to {high}, outside 0..15 and 255"
+                " (Background); fix the mask: values are class ids, not colours."
+            )
+        mask = mask.convert("L")
     bad = [value for value, count in enumerate(mask.histogram()[:256]) if count and value not in VALID_MASK_VALUES]
     if bad:
         raise UserError(
             f"{where}: the annotation holds values {bad[:10]} outside 0..15 and 255 (Background);"
             " fix the mask: values are class ids, not colours."
         )
+    return mask
