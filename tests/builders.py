@@ -22,6 +22,8 @@ from PIL import Image
 from artefact.config import Config, from_dict
 
 REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/lib/chromium/chromium")
+"""Debian's Chromium, which the browser tests drive."""
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 """The ``datasets`` Image feature, as ARTeFACT shards hold their images and masks."""

@@ -1,6 +1,7 @@
 """Shared fixtures: the built-in synthetic data set, prepared once per session, and the
 default sweep (the main job with no options), run once for every test that reads it. How the
-suite shares two pytest-xdist workers (pytest_collection_modifyitems).
+suite shares two pytest-xdist workers (pytest_collection_modifyitems). Which tests need
+Debian packages that ``make test`` does not install (SYSTEM_TESTS).
 
 Torch runs single-threaded here. On the 2-core build machines, two intra-op threads that
 compete with any other load slowed a CPU epoch about 20x (12 s -> 254 s); one thread is
@@ -14,14 +15,25 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from builders import small_config  # noqa: E402
+from builders import CHROMIUM, small_config  # noqa: E402
 
 torch.set_num_threads(1)
 
+
+REQUIRE_SYSTEM_TESTS = "ARTEFACT_REQUIRE_SYSTEM_TESTS"
+"""Set to 1 (.ci/run does) to fail, not skip, a test whose Debian packages are missing."""
+SYSTEM_TESTS = {
+    # marker: (what its tests need, the programs that show it is installed)
+    "browser": ("Debian's Chromium", (str(CHROMIUM),)),
+    "slurm": ("SLURM and munge", ("slurmctld", "slurmd", "sbatch", "scontrol", "munged", "mungekey")),
+    "shellcheck": ("shellcheck", ("shellcheck",)),
+}
+"""Tests that drive system programs: ``make test`` leaves installing them to ``make system-deps``."""
 
 SHARED_SESSION_FIXTURES = ("default_sweep", "slurm")
 """Session fixtures too costly, or too global, to build once per test worker: the default
@@ -50,6 +62,25 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             "pytest-xdist did not put this test in its group (pytest-xdist#1386, with pytest 9.2):"
             " reinstall the dev dependencies (`pip install -e '.[dev]'`, which pins pytest<9.2)."
         )
+    _check_system_programs(item)
+
+
+def _check_system_programs(item: pytest.Item) -> None:
+    """Skips a test whose system programs are missing, with one line saying how to install
+    them; fails it instead where REQUIRE_SYSTEM_TESTS is 1, so that CI never skips one."""
+    for marker, (what, programs) in SYSTEM_TESTS.items():
+        if item.get_closest_marker(marker) is None:
+            continue
+        missing = [program for program in programs if shutil.which(program) is None]
+        if missing:
+            reason = f"needs {what}: run `make system-deps` (installs them with apt)"
+        elif marker == "slurm" and os.geteuid() != 0:
+            reason = "needs root: slurmd starts the jobs as root"
+        else:
+            continue
+        if os.environ.get(REQUIRE_SYSTEM_TESTS) == "1":
+            pytest.fail(f"{reason} (missing: {', '.join(missing) or 'root'}; {REQUIRE_SYSTEM_TESTS}=1)", pytrace=False)
+        pytest.skip(reason)
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The Debian packages the tests drive for real: Chromium (browser tests), SLURM and munge
-# (the one-node cluster of the SLURM tests) and shellcheck. Installed with apt-get (through
-# sudo unless root) only when one is missing, so a second `make test` costs nothing.
+# The Debian packages some tests drive for real: Chromium (browser tests), SLURM and munge
+# (the one-node cluster of the SLURM tests) and shellcheck. Run by `make system-deps` (and
+# CI), never by `make test`: installed with apt-get (through sudo unless root) only when one
+# is missing, so a second run costs nothing.
 set -euo pipefail
 
 missing=()

@@ -12,10 +12,9 @@ import os
 import signal
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
-from builders import free_port
+from builders import CHROMIUM, free_port
 from sweep_helpers import REPO, start_mlflow_server, sweep_runs
 
 from artefact.figures import CONFUSION_SIZE, DPI
@@ -23,7 +22,6 @@ from artefact.loop import PREDICTION_IMAGES
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.browser]
 
-CHROMIUM = Path("/usr/lib/chromium/chromium")
 CHROMIUM_FLAGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -60,7 +58,6 @@ def mlflow_ui(sweep):
 def browser():
     from playwright.sync_api import sync_playwright
 
-    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: run tests/system_deps.sh (make test does)"
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
         yield chromium
