@@ -1,4 +1,4 @@
-"""``python -m artefact``: prepare data, generate synthetic data, download, train once."""
+"""``python -m artefact``: run the sweep, prepare data, generate synthetic data, download, train once."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from pathlib import Path
 from artefact.errors import SweepInterrupted, UserError
 
 DEFAULT_WORKSPACE = Path("data")
-DEFAULT_STORE = Path(__file__).resolve().parents[1] / "mlflow" / "mlflow.db"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 UI_HOST, UI_PORT = "127.0.0.1", 5000
 """Where ``python -m artefact ui`` serves unless told otherwise."""
@@ -56,8 +55,15 @@ def _port(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from artefact.config import project_folder
+
+    store = f"$MLFLOW_TRACKING_URI, else sqlite:///{project_folder() / 'mlflow' / 'mlflow.db'}"
     parser = argparse.ArgumentParser(prog="python -m artefact", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    # Listed here for --help; main() hands its arguments to the main job's own parser.
+    commands.add_parser(
+        "sweep", add_help=False, help="run the main job, as sweeps/encoder_bench.py does (sweep --help: its flags)"
+    )
 
     prepare = commands.add_parser("prepare", help="build a training cache from parquet shards or a folder")
     prepare.add_argument("--source", type=Path, required=True, help="parquet shards folder or folder layout")
@@ -79,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     download.add_argument("--out", type=Path, required=True)
 
     ui = commands.add_parser("ui", help="serve the MLflow UI on the default store (127.0.0.1:5000)")
-    ui.add_argument("--tracking-uri", default=f"sqlite:///{DEFAULT_STORE}", help="MLflow backend store URI")
+    ui.add_argument("--tracking-uri", help=f"MLflow backend store URI; default: {store}")
     ui.add_argument("--host", default=UI_HOST, help="bind address; anything but loopback exposes your runs")
     ui.add_argument("--port", type=_port, default=UI_PORT)
     ui.add_argument(
@@ -97,14 +103,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     weights.add_argument("action", choices=("fetch", "check"))
     chosen = weights.add_mutually_exclusive_group(required=True)
-    chosen.add_argument("--profile", help="the encoders of a profile: a name from sweeps/ or a YAML path")
+    chosen.add_argument("--profile", help="the encoders of a profile: a shipped profile's name or a YAML path")
     chosen.add_argument("--encoders", help="comma-separated encoders, e.g. convnext_tiny,mit_b3 (aliases work)")
 
     allocation = commands.add_parser("allocation", help="the sbatch resource flags for a profile's node (for cluster/)")
-    allocation.add_argument("--profile", required=True, help="a profile name from sweeps/ or a YAML path")
+    allocation.add_argument("--profile", required=True, help="a shipped profile's name or a YAML path")
 
     train = commands.add_parser("train", help="one training run in this process (no Ray)")
-    train.add_argument("--config", type=Path, help="YAML config (a profile from sweeps/ works too)")
+    train.add_argument("--config", type=Path, help="YAML config (a profile's YAML file works too)")
     train.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.epochs=5 model.arch=upernet")
     train.add_argument("--out", type=Path, default=Path("results/train"), help="checkpoints and resolved config")
     train.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE, help="where data caches live")
@@ -119,14 +125,17 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--run", required=True, help="best:<sweep name>, or the MLflow run id of a trial with a model")
     predict.add_argument("--images", type=Path, required=True, help="a folder of images (its subfolders are skipped)")
     predict.add_argument("--out", type=Path, required=True, help="where masks/ and overlays/ are written")
-    predict.add_argument(
-        "--tracking-uri", help=f"MLflow store; default: $MLFLOW_TRACKING_URI, else sqlite:///{DEFAULT_STORE}"
-    )
+    predict.add_argument("--tracking-uri", help=f"MLflow store; default: {store}")
     predict.add_argument("--max-pixels", type=int, default=250_000_000, help="decompression-bomb bound")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sweep"]:
+        from artefact.sweep_cli import main as sweep
+
+        return sweep(argv[1:], prog="python -m artefact sweep")
     args = _parser().parse_args(argv)
     return run_cli(lambda: _dispatch(args))
 
@@ -220,11 +229,14 @@ def _serve_ui(args: argparse.Namespace) -> int:
             f"warning: serving MLflow on {args.host}: anyone who can reach it can read and change your runs.",
             file=sys.stderr,
         )
+    from artefact.config import default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri()
     destination = args.artifacts_destination
     if destination is None:
         from artefact.tracking import sqlite_artifact_root
 
-        root = sqlite_artifact_root(args.tracking_uri)
+        root = sqlite_artifact_root(uri)
         destination = str(root) if root is not None else None
     command = [
         sys.executable,
@@ -232,7 +244,7 @@ def _serve_ui(args: argparse.Namespace) -> int:
         "mlflow",
         "server",
         "--backend-store-uri",
-        args.tracking_uri,
+        uri,
         "--host",
         args.host,
         "--port",
@@ -254,10 +266,10 @@ def _predict(args: argparse.Namespace) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if args.max_pixels < 1:
         raise UserError(f"--max-pixels {args.max_pixels}: give a positive number of pixels.")
+    from artefact.config import default_tracking_uri
     from artefact.predict import predict
 
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
-    predict(args.run, args.images, args.out, uri, args.max_pixels)
+    predict(args.run, args.images, args.out, args.tracking_uri or default_tracking_uri(), args.max_pixels)
 
 
 def _train(args: argparse.Namespace) -> None:

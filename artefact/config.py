@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -479,8 +481,30 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return result
 
 
-PROFILES = Path(__file__).resolve().parents[1] / "sweeps"
-"""The profiles shipped with the project (cpu-smoke, laptop, v100s-x2, v100s-x2-ddp)."""
+PROFILES = Path(str(importlib.resources.files("artefact.profiles")))
+"""The shipped profiles (cpu-smoke, laptop, v100s-x2, ...): package data, so that an installed
+copy finds its own (a checkout's ``sweeps/`` links to them)."""
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def project_folder() -> Path:
+    """Where results/, data/ and mlflow/ go unless told otherwise: the checkout this code runs
+    from, else (an installed package) the current folder, as MLflow's own defaults do."""
+    return CHECKOUT if (CHECKOUT / "sweeps" / "encoder_bench.py").is_file() else Path.cwd()
+
+
+def default_tracking_uri() -> str:
+    """MLflow's own ``MLFLOW_TRACKING_URI`` when set, else the SQLite store in the project's mlflow/."""
+    return absolute_sqlite(
+        os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_folder() / 'mlflow' / 'mlflow.db'}"
+    )
+
+
+def absolute_sqlite(uri: str) -> str:
+    """Ray runs trials in other folders, so a relative SQLite path is made absolute here."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
 
 
 def profile_file(name: str) -> tuple[str, Path]:

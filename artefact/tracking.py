@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +31,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
 
+from artefact.config import absolute_sqlite
 from artefact.errors import UserError
 
 SWEEP_TAG = "artefact.sweep"
@@ -46,6 +48,9 @@ MODEL_NAME = "model"
 BEST_PREFIX = "best:"
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
+SOURCE_NAME_TAG = "mlflow.source.name"
+SOURCE_TYPE_TAG = "mlflow.source.type"
+SOURCE_GIT_COMMIT_TAG = "mlflow.source.git.commit"
 FINAL_STATUS = {"completed": "FINISHED", "stopped_early": "FINISHED", "failed": "FAILED", "replaced": "KILLED"}
 REPLACED_REASON = (
     "this trial started in the moments before the sweep was killed, after Tune last saved the sweep's state;"
@@ -67,13 +72,14 @@ def check_store(uri: str) -> None:
     Creating the SQLite schema in the driver, before any trial starts, avoids the
     migration race of several processes creating one store at once.
     """
+    named = _store_named(uri)
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
                 response.read()
         except (urllib.error.URLError, OSError) as error:
             raise UserError(
-                f"--tracking-uri {uri}: the MLflow server does not answer ({error}); start it"
+                f"{named}: the MLflow server does not answer ({error}); start it"
                 " (see mlflow/README.md) or pass another --tracking-uri."
             ) from None
     elif uri.startswith("sqlite:///"):
@@ -81,30 +87,36 @@ def check_store(uri: str) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise UserError(f"--tracking-uri {uri}: cannot create {path.parent} ({error.strerror}).") from None
+            raise UserError(f"{named}: cannot create {path.parent} ({error.strerror}).") from None
         if not path.exists():
             _copy_empty_store(path)
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as error:  # MLflow raises many types for a bad URI or an unwritable store
         reason = " ".join(str(error).split())[:500]
-        raise UserError(
-            f"--tracking-uri {uri}: cannot use this MLflow store ({type(error).__name__}: {reason})."
-        ) from None
+        raise UserError(f"{named}: cannot use this MLflow store ({type(error).__name__}: {reason}).") from None
+
+
+def _store_named(uri: str) -> str:
+    """How an error names the store: by the flag, or by MLflow's variable when it came from there."""
+    from_environment = os.environ.get("MLFLOW_TRACKING_URI")
+    if from_environment and uri in (from_environment, absolute_sqlite(from_environment)):
+        return f"MLFLOW_TRACKING_URI={uri}"
+    return f"--tracking-uri {uri}"
 
 
 def _copy_empty_store(path: Path) -> None:
     """Create a SQLite store as a copy of an empty one, migrated once per MLflow version.
 
-    MLflow builds a new store by running its whole migration history, about 2.5 s of a
-    fresh process here, which every first sweep and every test's new store would pay.
-    Where the copy cannot be made, MLflow creates the store itself, as before.
+    MLflow builds a new store by running its whole migration history, which every first
+    sweep and every test's new store would pay; a copy skips it. Where the copy cannot be
+    made, MLflow creates the store itself, as before.
     """
     try:
         template = _empty_store_template()
         descriptor, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)
         os.close(descriptor)
-    except Exception:  # an unwritable cache, or an MLflow without the helper, only loses the shortcut
+    except (OSError, subprocess.SubprocessError):  # an unwritable cache only loses the shortcut
         return
     try:
         shutil.copyfile(template, scratch)
@@ -116,24 +128,21 @@ def _copy_empty_store(path: Path) -> None:
 
 
 def _empty_store_template() -> Path:
-    """Tables and migrations only: the default experiment, whose artifact location depends
-    on where a store is opened, is added by MLflow when it first opens each copy."""
+    """Tables and migrations only, made by MLflow's own ``mlflow db upgrade`` on an empty
+    file: the default experiment, whose artifact location depends on where a store is
+    opened, is added by MLflow when it first opens each copy."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "artefact-sweeps"
     template = cache / f"mlflow-{mlflow.version.VERSION}-empty.db"
     if template.exists() and _is_migrated(template):
         return template
-    import sqlalchemy
-    from mlflow.store.db.utils import _initialize_tables as initialize_tables
-
     cache.mkdir(parents=True, exist_ok=True)
     descriptor, scratch = tempfile.mkstemp(prefix=f"{template.name}.", suffix=".new", dir=cache)
     os.close(descriptor)
     try:
-        engine = sqlalchemy.create_engine(f"sqlite:///{scratch}")
-        try:
-            initialize_tables(engine)
-        finally:
-            engine.dispose()
+        upgrade = [sys.executable, "-m", "mlflow", "db", "upgrade", f"sqlite:///{scratch}"]
+        subprocess.run(upgrade, capture_output=True, check=True, timeout=120)
+        if not _is_migrated(Path(scratch)):
+            raise OSError(f"`mlflow db upgrade` left {scratch} without MLflow's schema")
         os.replace(scratch, template)
     finally:
         Path(scratch).unlink(missing_ok=True)
@@ -183,8 +192,26 @@ def _artifact_location(uri: str, sweep: str) -> str | None:
     return (root / sweep).resolve().as_uri() if root is not None else None
 
 
+def source_tags() -> dict[str, str]:
+    """MLflow's own source tags, as ``mlflow.start_run`` sets them, which the UI shows as the
+    run's source: the entry script and the commit of the checkout it is in (none for an
+    installed package)."""
+    source = Path(sys.argv[0]).resolve()
+    tags = {SOURCE_NAME_TAG: str(source), SOURCE_TYPE_TAG: "LOCAL"}
+    if not source.is_file():
+        return tags
+    try:
+        found = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=source.parent, capture_output=True, text=True, check=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return tags
+    return {**tags, SOURCE_GIT_COMMIT_TAG: found.stdout.strip()}
+
+
 def open_sweep(uri: str, sweep: str, tags: dict[str, str]) -> SweepRun:
-    """Get or create the sweep's experiment and parent run (a resumed sweep reuses both)."""
+    """Get or create the sweep's experiment and parent run (a resumed sweep reuses both);
+    ``tags`` and MLflow's source tags go on the parent run."""
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(sweep)
     if experiment is None:
@@ -202,7 +229,7 @@ def open_sweep(uri: str, sweep: str, tags: dict[str, str]) -> SweepRun:
         run_id = client.create_run(
             experiment_id, run_name=sweep, tags={ROLE_TAG: "sweep", SWEEP_TAG: sweep}
         ).info.run_id
-    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in {**source_tags(), **tags}.items()])
     return SweepRun(uri, experiment_id, run_id, sweep)
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import sqlite3
+import sys
 from contextlib import closing
 from pathlib import Path
 
-import mlflow.store.db.utils
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -52,10 +52,6 @@ def test_a_trial_the_resumed_sweep_does_not_hold_is_marked_replaced_and_keeps_it
     assert close_replaced_trials(sweep, trial_histories(sweep), kept | {"orphan"}) == []
 
 
-def _no_migrations(engine) -> None:
-    raise AssertionError("MLflow migrated a new store instead of copying the template")
-
-
 def _schema(store: Path) -> list[tuple]:
     """Each table and index with its definition's lines sorted (Alembic writes a recreated
     table's constraints in set order, which varies from process to process), then the
@@ -76,10 +72,12 @@ def test_a_new_store_is_copied_from_a_migrated_template_and_matches_one_mlflow_m
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     check_store(f"sqlite:///{tmp_path / 'first.db'}")
     [template] = (tmp_path / "cache" / "artefact-sweeps").glob("mlflow-*-empty.db")
+    with closing(sqlite3.connect(template)) as db:
+        db.execute("PRAGMA user_version = 7")  # a mark that only a copy of the template carries
     copied = tmp_path / "copied.db"
-    with monkeypatch.context() as no_migrations:  # so only a copy can make this store
-        no_migrations.setattr(mlflow.store.db.utils, "_initialize_tables", _no_migrations)
-        check_store(f"sqlite:///{copied}")
+    check_store(f"sqlite:///{copied}")
+    with closing(sqlite3.connect(copied)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (7,)
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(template))  # a file: no cache, so MLflow makes the store
     made = tmp_path / "made.db"
@@ -112,3 +110,13 @@ def test_a_damaged_template_is_rebuilt_and_the_store_still_made(
     assert _schema(template)[-1] == _schema(tmp_path / "first.db")[-1]  # rebuilt: the schema version is back
     assert sorted(p.name for p in template.parent.iterdir()) == [template.name]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "first.db", "second.db"]
+
+
+def test_a_template_mlflow_cannot_make_only_costs_the_shortcut(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The template is made by ``mlflow db upgrade``, MLflow's public command: where it fails,
+    MLflow makes the store itself."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+    check_store(f"sqlite:///{tmp_path / 'made.db'}")
+    assert MlflowClient(f"sqlite:///{tmp_path / 'made.db'}").get_experiment("0").name == "Default"
+    assert list((tmp_path / "cache" / "artefact-sweeps").iterdir()) == []  # no template, no scratch file left
