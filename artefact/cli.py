@@ -142,12 +142,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(PrepareParams)}
         prepare(args.source, args.out, params_from(DataConfig(**flags, resolution=32)))
     elif args.command == "synth":
-        from artefact.data.synthetic import generate
+        from artefact.data.sources.synthetic import generate
 
         generate(args.out, count=args.count, layout=args.layout, seed=args.seed)
         print(f"wrote {args.count} synthetic samples to {args.out} ({args.layout} layout)")
     elif args.command == "download":
-        from artefact.data.parquet import download
+        from artefact.data.sources.parquet import download
 
         print(f"downloaded to {download(args.out)}")
     elif args.command == "train":
@@ -266,7 +266,7 @@ def _train(args: argparse.Namespace) -> None:
     # Check the config and the model before the heavy imports, the data preparation and
     # any output, so a typo fails in a second and leaves nothing behind.
     cfg = load_config(args.config, args.overrides)
-    from artefact.checkpoint import CHECKPOINT_FILE
+    from artefact.train.checkpoint import CHECKPOINT_FILE
 
     resume = args.out / "latest" / CHECKPOINT_FILE
     if args.resume and not resume.is_file():
@@ -276,7 +276,8 @@ def _train(args: argparse.Namespace) -> None:
     build_model(cfg.model, cfg.data.resolution)
 
     from artefact.data.prepare import ensure_cache
-    from artefact.loop import LocalReporter, train
+    from artefact.train.loop import train
+    from artefact.train.reporters import LocalReporter
 
     cache = ensure_cache(cfg.data, args.workspace)
     args.out.mkdir(parents=True, exist_ok=True)

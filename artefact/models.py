@@ -161,7 +161,8 @@ def _read_weights_file(file: Path) -> dict[str, torch.Tensor]:
         return timm.models.load_state_dict(str(file))
     except Exception as error:  # torch, pickle and safetensors each raise their own kinds
         raise UserError(
-            f"model.pretrained = {str(file)!r}: cannot read weights from it ({type(error).__name__}: {one_line(error)})."
+            f"model.pretrained = {str(file)!r}: cannot read weights from it"
+            f" ({type(error).__name__}: {one_line(error)})."
         ) from None
 
 

@@ -25,13 +25,10 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from artefact.checkpoint import CHECKPOINT_FILE, load_checkpoint, write_atomic
 from artefact.config import Config, dump_yaml, from_dict
 from artefact.data.prepare import bounded_size, shrink_image
-from artefact.data.sample import DEFAULT_MAX_PIXELS, open_image
+from artefact.data.sources.sample import DEFAULT_MAX_PIXELS, open_image
 from artefact.errors import UserError
-from artefact.hardware import amp_dtype, configure_kernels, select_device
-from artefact.loop import Normaliser, segment
 from artefact.models import build_model
 from artefact.taxonomy import class_table, palette
 from artefact.tracking import (
@@ -43,9 +40,12 @@ from artefact.tracking import (
     trial_text,
     unless_store_is_away,
 )
+from artefact.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, write_atomic
+from artefact.train.evaluation import Normaliser, segment
+from artefact.train.hardware import amp_dtype, configure_kernels, select_device
 
 if TYPE_CHECKING:
-    from artefact.search import TrialSummary
+    from artefact.report.trials import TrialSummary
 
 CONFIG_FILE = "config.yaml"
 CLASSES_FILE = "classes.json"

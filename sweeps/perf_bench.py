@@ -137,7 +137,7 @@ def _profile(name: str | None, overrides: list[str]):
 def _bench_cache(cfg, workdir: Path) -> Path:
     """A synthetic data set at the profile's image size, prepared the way a sweep prepares it."""
     from artefact.data.prepare import params_from, prepare
-    from artefact.data.synthetic import generate
+    from artefact.data.sources.synthetic import generate
 
     source = generate(workdir / "synthetic", count=48, size=(cfg.data.max_side // 2, cfg.data.max_side), seed=0)
     return prepare(source, workdir / "cache", params_from(cfg.data), log=lambda _: None)
@@ -145,7 +145,7 @@ def _bench_cache(cfg, workdir: Path) -> Path:
 
 def _loop_settings(cfg):
     """(AMP dtype, memory-format and compile options) that the bare loop shares with ours."""
-    from artefact.hardware import amp_dtype, select_device
+    from artefact.train.hardware import amp_dtype, select_device
 
     dtype = amp_dtype(cfg.train.amp, select_device(cfg.train.device))
     return dtype, {"channels_last": cfg.train.channels_last, "compile_model": cfg.train.compile}
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="artefact-perf-") as scratch:
             workdir = (args.workdir or Path(scratch)).resolve()
             workdir.mkdir(parents=True, exist_ok=True)
-            from artefact.ray_env import prepare_local_cluster  # before anything imports Ray
+            from artefact.tune.ray_env import prepare_local_cluster  # before anything imports Ray
 
             prepare_local_cluster(workdir / "ray.token")
             results = run_items(items, sizes, args.profile, args.overrides, workdir)

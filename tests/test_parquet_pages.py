@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from builders import IMAGE_STRUCT, random_rows, write_parquet_by_hand
 
-from artefact.data.parquet import read_parquet
-from artefact.data.parquet_pages import (
+from artefact.data.sources.parquet import read_parquet
+from artefact.data.sources.parquet_pages import (
     DICTIONARY_PAGE,
     PLAIN,
     RLE_DICTIONARY,
@@ -175,7 +175,7 @@ def test_any_damaged_header_byte_reads_as_arrow_does_or_is_refused(tmp_path: Pat
 PEAK_OF_ONE_READ = """
 import sys
 import pyarrow.parquet as pq
-from artefact.data.parquet_pages import read_binary_column
+from artefact.data.sources.parquet_pages import read_binary_column
 
 def kb(field):
     return int(open("/proc/self/status").read().split(field + ":")[1].split()[0])

@@ -188,7 +188,7 @@ STALLED_RAY_TRAIN = """
 import sys
 import time
 from pathlib import Path
-from artefact.ray_env import prepare_local_cluster
+from artefact.tune.ray_env import prepare_local_cluster
 
 prepare_local_cluster(Path(sys.argv[2]))
 from artefact.bench.throughput import RayTrainFailed, ray_train_speed

@@ -8,9 +8,9 @@ from pathlib import Path
 import optuna
 
 from artefact.config import Config
-from artefact.report import describe_config
-from artefact.search import SearchSpace, default_points, fail_orphaned_study_trials, optuna_storage, space_description
-from artefact.trial import apply_trial_params
+from artefact.report.leaderboard import describe_config
+from artefact.tune.space import SearchSpace, apply_trial_params, default_points, space_description
+from artefact.tune.tuner import fail_orphaned_study_trials, optuna_storage
 
 
 def test_searched_loss_kinds_and_class_weightings_are_sampled_into_the_trial_config() -> None:

@@ -13,9 +13,9 @@ import pytest
 from builders import IMAGE_STRUCT, Row, random_rows, write_folder, write_parquet_by_hand
 from PIL import Image
 
-from artefact.data.folder import FolderWriter, read_folder
-from artefact.data.parquet import ParquetWriter, _encoded_images, read_parquet, shard_paths
 from artefact.data.prepare import read_source
+from artefact.data.sources.folder import FolderWriter, read_folder
+from artefact.data.sources.parquet import ParquetWriter, _encoded_images, read_parquet, shard_paths
 from artefact.errors import UserError
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from artefact.data.parquet import ParquetWriter
-from artefact.data.synthetic import generate, render
+from artefact.data.sources.parquet import ParquetWriter
+from artefact.data.sources.synthetic import generate, render
 
 REPO = Path(__file__).resolve().parents[2]
 TILE = (500, 625)

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from artefact.data.parquet_pages import UNREADABLE, leaf_index, read_binary_column
-from artefact.data.sample import DEFAULT_MAX_PIXELS, Sample, check_id, open_image
+from artefact.data.sources.parquet_pages import UNREADABLE, leaf_index, read_binary_column
+from artefact.data.sources.sample import DEFAULT_MAX_PIXELS, Sample, check_id, open_image
 from artefact.errors import UserError
 
 HF_REPO = "danielaivanova/damaged-media"
