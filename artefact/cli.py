@@ -222,7 +222,7 @@ def _serve_ui(args: argparse.Namespace) -> int:
         )
     destination = args.artifacts_destination
     if destination is None:
-        from artefact.tracking import sqlite_artifact_root
+        from artefact.tracking_store import sqlite_artifact_root
 
         root = sqlite_artifact_root(args.tracking_uri)
         destination = str(root) if root is not None else None

@@ -31,15 +31,8 @@ from artefact.data.sources.sample import DEFAULT_MAX_PIXELS, open_image
 from artefact.errors import UserError
 from artefact.models import build_model
 from artefact.taxonomy import class_table, palette
-from artefact.tracking import (
-    SweepRun,
-    check_store_exists,
-    load_logged_model,
-    log_best_model,
-    registered_model_name,
-    trial_text,
-    unless_store_is_away,
-)
+from artefact.tracking import check_store_exists, load_logged_model, log_best_model, trial_text
+from artefact.tracking_store import SweepRun, registered_model_name, unless_store_is_away
 from artefact.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, write_atomic
 from artefact.train.evaluation import Normaliser, segment
 from artefact.train.hardware import amp_dtype, configure_kernels, select_device

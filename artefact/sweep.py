@@ -25,7 +25,6 @@ from artefact.preflight import validate
 from artefact.report.figures import optuna_figures
 from artefact.report.leaderboard import failed_trials, leaderboard, render_text, write_leaderboard, write_plots
 from artefact.tracking import (
-    SweepRun,
     close_open_trials,
     close_replaced_trials,
     close_trial,
@@ -33,9 +32,9 @@ from artefact.tracking import (
     finish_sweep,
     log_sweep_artifacts,
     open_sweep,
-    run_page,
     trial_histories,
 )
+from artefact.tracking_store import SweepRun, run_page
 from artefact.tune import cluster
 from artefact.tune.results import summarise
 from artefact.tune.space import space_description, trial_count

@@ -25,16 +25,8 @@ from artefact.models import build_model
 from artefact.predict import CLASSES_FILE, CONFIG_FILE, log_best, overlay
 from artefact.report.trials import TrialSummary
 from artefact.taxonomy import class_table, palette
-from artefact.tracking import (
-    BEST_RUN_TAG,
-    SweepRun,
-    check_store,
-    close_trial,
-    find_trial_run,
-    finish_sweep,
-    load_logged_model,
-    open_sweep,
-)
+from artefact.tracking import check_store, close_trial, find_trial_run, finish_sweep, load_logged_model, open_sweep
+from artefact.tracking_store import BEST_RUN_TAG, SweepRun
 from artefact.train.checkpoint import CHECKPOINT_FILE, save_checkpoint
 from artefact.train.evaluation import Normaliser, predict_tiled
 
