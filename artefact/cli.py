@@ -187,20 +187,6 @@ def _weights(args: argparse.Namespace) -> None:
     print(f"all {len(encoders)} encoders' weights are in the Hugging Face cache {constants.HF_HUB_CACHE}")
 
 
-def allocation_resources() -> dict[str, float] | None:
-    """The CPUs and GPUs of the SLURM allocation this process runs in, None outside one.
-
-    Counted as cluster/ray_node.sh gives them to Ray (every node like this one), so a sweep
-    that cannot fit fails before the job starts any server.
-    """
-    if "SLURM_JOB_ID" not in os.environ:
-        return None
-    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1"))
-    cpus = int(os.environ.get("SLURM_CPUS_ON_NODE") or os.cpu_count() or 1)
-    gpus = len([device for device in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if device])
-    return {"CPU": float(nodes * cpus), "GPU": float(nodes * gpus)}
-
-
 def _allocation_flags(profile: str) -> list[str]:
     """What one node of the profile needs from SLURM: one task with its CPUs, GPUs and memory."""
     from artefact.config import load_config, profile_file
