@@ -17,7 +17,7 @@ from PIL import Image
 from artefact.data.sources.parquet import ParquetWriter
 from artefact.data.sources.synthetic import generate, render
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 TILE = (500, 625)
 """One rendered synthetic sample, tiled to build the huge image (rendering 200 MP directly
 would take minutes)."""

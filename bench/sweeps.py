@@ -14,7 +14,7 @@ from pathlib import Path
 from artefact.config import Config, read_yaml
 from artefact.tune.tuner import max_concurrent_trials
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "sweeps" / "encoder_bench.py"
 
 

@@ -251,7 +251,7 @@ def test_a_cache_from_before_class_pixels_gets_them_on_first_use(
     def read_only(*_) -> None:
         raise PermissionError("read-only file system")
 
-    monkeypatch.setattr(prep, "_write_class_pixels", read_only)
+    monkeypatch.setattr("artefact.data.cache.write_class_pixels", read_only)
     assert class_pixels(cache) == json.loads(stored)["pixels"], "a cache that cannot be written still trains"
 
 
