@@ -151,12 +151,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(PrepareParams)}
         prepare(args.source, args.out, params_from(DataConfig(**flags, resolution=32)))
     elif args.command == "synth":
-        from artefact.data.synthetic import generate
+        from artefact.data.sources.synthetic import generate
 
         generate(args.out, count=args.count, layout=args.layout, seed=args.seed)
         print(f"wrote {args.count} synthetic samples to {args.out} ({args.layout} layout)")
     elif args.command == "download":
-        from artefact.data.parquet import download
+        from artefact.data.sources.parquet import download
 
         print(f"downloaded to {download(args.out)}")
     elif args.command == "train":
@@ -196,20 +196,6 @@ def _weights(args: argparse.Namespace) -> None:
     print(f"all {len(encoders)} encoders' weights are in the Hugging Face cache {constants.HF_HUB_CACHE}")
 
 
-def allocation_resources() -> dict[str, float] | None:
-    """The CPUs and GPUs of the SLURM allocation this process runs in, None outside one.
-
-    Counted as cluster/ray_node.sh gives them to Ray (every node like this one), so a sweep
-    that cannot fit fails before the job starts any server.
-    """
-    if "SLURM_JOB_ID" not in os.environ:
-        return None
-    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1"))
-    cpus = int(os.environ.get("SLURM_CPUS_ON_NODE") or os.cpu_count() or 1)
-    gpus = len([device for device in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if device])
-    return {"CPU": float(nodes * cpus), "GPU": float(nodes * gpus)}
-
-
 def _allocation_flags(profile: str) -> list[str]:
     """What one node of the profile needs from SLURM: one task with its CPUs, GPUs and memory."""
     from artefact.config import load_config, profile_file
@@ -234,7 +220,7 @@ def _serve_ui(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or default_tracking_uri()
     destination = args.artifacts_destination
     if destination is None:
-        from artefact.tracking import sqlite_artifact_root
+        from artefact.tracking_store import sqlite_artifact_root
 
         root = sqlite_artifact_root(uri)
         destination = str(root) if root is not None else None
@@ -278,7 +264,7 @@ def _train(args: argparse.Namespace) -> None:
     # Check the config and the model before the heavy imports, the data preparation and
     # any output, so a typo fails in a second and leaves nothing behind.
     cfg = load_config(args.config, args.overrides)
-    from artefact.checkpoint import CHECKPOINT_FILE
+    from artefact.train.checkpoint import CHECKPOINT_FILE
 
     resume = args.out / "latest" / CHECKPOINT_FILE
     if args.resume and not resume.is_file():
@@ -288,7 +274,8 @@ def _train(args: argparse.Namespace) -> None:
     build_model(cfg.model, cfg.data.resolution)
 
     from artefact.data.prepare import ensure_cache
-    from artefact.loop import LocalReporter, train
+    from artefact.train.loop import train
+    from artefact.train.reporters import LocalReporter
 
     cache = ensure_cache(cfg.data, args.workspace)
     args.out.mkdir(parents=True, exist_ok=True)

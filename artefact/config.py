@@ -7,19 +7,15 @@ fails before any cluster starts.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import importlib.resources
-import math
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from artefact.config_tree import build, deep_merge, to_dict
 from artefact.errors import UserError
 from artefact.taxonomy import HEADS
 
@@ -333,115 +329,8 @@ def _check(ok: bool, name: str, value: object, allowed: object) -> None:
         raise UserError(f"config field {name} = {value!r} is invalid: expected {allowed}.")
 
 
-def to_dict(config: Config) -> dict[str, Any]:
-    """A plain, YAML-ready dict (tuples become lists)."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        return value
-
-    return plain(dataclasses.asdict(config))
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}, for comparing configs field by field."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        elif isinstance(value, dict) and merged.get(key) is not None:
-            continue  # a section that is not a mapping (``train: 3``): kept, so from_dict names it
-        else:
-            merged[key] = value
-    return merged
-
-
 def from_dict(raw: dict[str, Any], where: str = "config") -> Config:
-    return _build(Config, raw, where, "")
-
-
-def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise UserError(f"{where}: {prefix.rstrip('.') or 'the top level'} must be a mapping, got {raw!r}.")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=3)
-            hint = f" Did you mean {', '.join(close)}?" if close else f" Known keys: {', '.join(names)}."
-            raise UserError(f"{where}: unknown config key {prefix}{key}.{hint}")
-        kwargs[key] = _coerce(hints[key], value, where, f"{prefix}{key}")
-    return cls(**kwargs)
-
-
-def _coerce(kind: Any, value: Any, where: str, name: str) -> Any:
-    if dataclasses.is_dataclass(kind):
-        return _build(kind, value, where, f"{name}.")
-    origin = typing.get_origin(kind)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(kind):
-            try:
-                return _coerce(option, value, where, name)
-            except UserError:
-                continue
-        raise UserError(f"{where}: {name} = {value!r} has the wrong type; expected {_describe(kind)}.")
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"{where}: {name} = {value!r} must be a mapping.")
-        key_kind, value_kind = typing.get_args(kind)
-        return {
-            _coerce(key_kind, k, where, name): _coerce(value_kind, v, where, f"{name}.{k}") for k, v in value.items()
-        }
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{where}: {name} = {value!r} must be a list.")
-        (item,) = typing.get_args(kind)[:1]
-        return tuple(_coerce(item, v, where, name) for v in value)
-    if kind is type(None):
-        if value is not None:
-            raise UserError(f"{where}: {name} = {value!r} must be null.")
-        return None
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"{where}: {name} = {value!r} must be true or false.")
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{where}: {name} = {value!r} must be an integer.")
-        return value
-    if kind is float:
-        if isinstance(value, str):  # PyYAML reads 3e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise UserError(f"{where}: {name} = {value!r} must be a finite number.")
-        return float(value)
-    if kind is str:
-        if not isinstance(value, str):
-            raise UserError(f"{where}: {name} = {value!r} must be a string.")
-        return value
-    raise TypeError(f"unsupported config type {kind!r} for {name}")
-
-
-def _describe(kind: Any) -> str:
-    args = typing.get_args(kind)
-    return " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in args)
+    return build(Config, raw, where, "")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -521,10 +410,47 @@ def profile_file(name: str) -> tuple[str, Path]:
     return name, path
 
 
-def load_config(path: Path | None = None, overrides: list[str] | None = None) -> Config:
+@dataclass(frozen=True)
+class SweepFlags:
+    """The main job's flags that set config fields; None (or empty): not given, the profile's
+    value stays. ``--set`` overrides are applied after them."""
+
+    mode: str | None = None
+    encoders: str | None = None
+    """Comma-separated, as typed."""
+    trials: int | None = None
+    seeds: int | None = None
+    epochs: int | None = None
+    data: str | None = None
+
+    def sections(self) -> dict[str, dict[str, Any]]:
+        sections: dict[str, dict[str, Any]] = {"sweep": {}, "train": {}, "data": {}}
+        if self.mode:
+            sections["sweep"]["mode"] = self.mode
+        if self.encoders is not None:
+            sections["sweep"]["encoders"] = [e.strip() for e in self.encoders.split(",") if e.strip()]
+        if self.trials is not None:
+            sections["sweep"]["trials"] = self.trials
+        if self.seeds is not None:
+            sections["sweep"]["seeds"] = self.seeds
+        if self.epochs is not None:
+            sections["train"]["epochs"] = self.epochs
+        if self.data:
+            sections["data"]["path"] = str(Path(self.data).resolve())
+        return sections
+
+
+def load_config(
+    path: Path | None = None, overrides: list[str] | None = None, flags: SweepFlags | None = None
+) -> Config:
+    """A profile (or the defaults) with the main job's flags, then ``--set`` overrides, applied."""
     raw = read_yaml(path) if path is not None else {}
+    where = str(path) if path else "config"
+    if flags is not None:
+        raw = deep_merge(raw, flags.sections())
+        where = f"{where} with command-line flags"
     raw = deep_merge(raw, parse_overrides(overrides or []))
-    return from_dict(raw, str(path) if path else "config")
+    return from_dict(raw, where)
 
 
 def dump_yaml(config: Config) -> str:

@@ -1,4 +1,4 @@
-"""The error types users see.
+"""The error types users see, and the trial failures a restart would repeat.
 
 Anything the user can fix (a bad config, bad data, a missing dependency) raises
 ``UserError``. The CLIs print its message without a traceback and exit with code 2; a
@@ -21,6 +21,19 @@ class SweepInterrupted(UserError):
     """A stop signal (Ctrl-C, SLURM's time-limit warning) ended the sweep; --resume continues it."""
 
     exit_code = 3
+
+
+class TrialFailure(RuntimeError):
+    """A failure that a restart from the last checkpoint would repeat: the trial is failed
+    at once instead of being retried (see ``artefact.tune.worker``)."""
+
+
+class TrainingDiverged(TrialFailure):
+    """The loss became NaN or infinite; the trial stops at once instead of wasting epochs."""
+
+
+class TrialOutOfMemory(TrialFailure):
+    """A step ran out of GPU memory with this trial's batch size, resolution and model."""
 
 
 def one_line(error: BaseException, limit: int = 300) -> str:

@@ -25,27 +25,20 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from artefact.checkpoint import CHECKPOINT_FILE, load_checkpoint, write_atomic
 from artefact.config import Config, dump_yaml, from_dict
 from artefact.data.prepare import bounded_size, shrink_image
-from artefact.data.sample import DEFAULT_MAX_PIXELS, open_image
+from artefact.data.sources.sample import DEFAULT_MAX_PIXELS, open_image
 from artefact.errors import UserError
-from artefact.hardware import amp_dtype, configure_kernels, select_device
-from artefact.loop import Normaliser, segment
 from artefact.models import build_model
 from artefact.taxonomy import class_table, palette
-from artefact.tracking import (
-    SweepRun,
-    check_store_exists,
-    load_logged_model,
-    log_best_model,
-    registered_model_name,
-    trial_text,
-    unless_store_is_away,
-)
+from artefact.tracking import check_store_exists, load_logged_model, log_best_model, trial_text
+from artefact.tracking_store import SweepRun, registered_model_name, unless_store_is_away
+from artefact.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, write_atomic
+from artefact.train.evaluation import Normaliser, segment
+from artefact.train.hardware import amp_dtype, configure_kernels, select_device
 
 if TYPE_CHECKING:
-    from artefact.search import TrialSummary
+    from artefact.report.trials import TrialSummary
 
 CONFIG_FILE = "config.yaml"
 CLASSES_FILE = "classes.json"

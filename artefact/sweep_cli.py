@@ -18,15 +18,13 @@ from artefact.cli import run_cli
 from artefact.config import (
     PROFILES,
     Config,
+    SweepFlags,
     SweepRequest,
     absolute_sqlite,
-    deep_merge,
     default_tracking_uri,
-    from_dict,
-    parse_overrides,
+    load_config,
     profile_file,
     project_folder,
-    read_yaml,
 )
 from artefact.errors import UserError
 from artefact.heap import collector_paused
@@ -117,22 +115,8 @@ def resolve_profile(name: str | None) -> tuple[str, Path]:
 def build_config(args: argparse.Namespace) -> tuple[str, Path, Config]:
     """(profile name, profile file, config): the profile with the flags and --set applied."""
     profile, path = resolve_profile(args.profile)
-    raw = read_yaml(path)
-    flags: dict = {"sweep": {}, "train": {}, "data": {}}
-    if args.mode:
-        flags["sweep"]["mode"] = args.mode
-    if args.encoders is not None:
-        flags["sweep"]["encoders"] = [e.strip() for e in args.encoders.split(",") if e.strip()]
-    if args.trials is not None:
-        flags["sweep"]["trials"] = args.trials
-    if args.seeds is not None:
-        flags["sweep"]["seeds"] = args.seeds
-    if args.epochs is not None:
-        flags["train"]["epochs"] = args.epochs
-    if args.data:
-        flags["data"]["path"] = str(Path(args.data).resolve())
-    raw = deep_merge(deep_merge(raw, flags), parse_overrides(args.overrides))
-    return profile, path, from_dict(raw, f"{path} with command-line flags")
+    flags = SweepFlags(args.mode, args.encoders, args.trials, args.seeds, args.epochs, args.data)
+    return profile, path, load_config(path, args.overrides, flags)
 
 
 def build_request(args: argparse.Namespace) -> SweepRequest:
@@ -183,7 +167,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
             raise UserError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-' only (it names folders).")
         if args.check:
             with collector_paused():  # the torch stack loads in here
-                from artefact.sweep import check_config
+                from artefact.preflight import check_config
 
                 profile, _, cfg = build_config(args)
             check_config(cfg, profile if args.check == "here" and not args.address else None)
@@ -191,14 +175,20 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
             return 0
         with collector_paused():  # the torch, MLflow and Ray stacks load in here
             request = build_request(args)
-            if not request.address:
-                from artefact.ray_env import prepare_local_cluster, sweep_token_file
+            from artefact.tune.ray_env import DRIVER_ENV, prepare_local_cluster, sweep_token_file
 
+            for name, value in DRIVER_ENV.items():
+                os.environ.setdefault(name, value)
+            if not request.address:
                 prepare_local_cluster(sweep_token_file(request.results, request.name))
+            import optuna
+
             from artefact.sweep import run  # imports Ray, which reads the settings just made
 
+        if not args.verbose:  # Optuna announces every study and trial at INFO
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
         if args.resume == "auto":
-            from artefact.search import can_resume
+            from artefact.tune.tuner import can_resume
 
             request = dataclasses.replace(request, resume=can_resume(request.results / request.name))
 

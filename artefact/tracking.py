@@ -8,7 +8,6 @@ to its own run instead of creating a duplicate.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import shutil
@@ -19,11 +18,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
-from dataclasses import dataclass
+from contextlib import closing
 from pathlib import Path
-from typing import TypeVar
 
 import mlflow.version
 from mlflow.entities import LoggedModelStatus, Metric, Param, RunTag
@@ -33,37 +29,34 @@ from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
 
 from artefact.config import absolute_sqlite
 from artefact.errors import UserError
+from artefact.tracking_store import (
+    BEST_CHECKPOINT_TAG,
+    BEST_PREFIX,
+    BEST_RUN_TAG,
+    EVALUATION_TAG,
+    FINAL_STATUS,
+    MODEL_NAME,
+    OUTCOME_TAG,
+    PARENT_TAG,
+    REASON_TAG,
+    REPLACED_REASON,
+    RESUME_NOTE_TAG,
+    ROLE_TAG,
+    STORE_PATIENCE_S,
+    SWEEP_TAG,
+    TRIAL_TAG,
+    SweepRun,
+    TrainedModel,
+    global_tracking_uri,
+    patiently,
+    quiet,
+    registered_model_name,
+    sqlite_artifact_root,
+)
 
-SWEEP_TAG = "artefact.sweep"
-ROLE_TAG = "artefact.role"
-TRIAL_TAG = "artefact.trial_id"
-OUTCOME_TAG = "artefact.outcome"
-REASON_TAG = "artefact.failure_reason"
-RESUME_NOTE_TAG = "artefact.resume_note"
-BEST_CHECKPOINT_TAG = "artefact.best_checkpoint"
-EVALUATION_TAG = "artefact.evaluation"
-BEST_RUN_TAG = "artefact.best_run"
-"""On the parent run: the run of the trial whose model the sweep logged (``best:<sweep>``)."""
-MODEL_NAME = "model"
-BEST_PREFIX = "best:"
-PARENT_TAG = "mlflow.parentRunId"
-RUN_NAME_TAG = "mlflow.runName"
 SOURCE_NAME_TAG = "mlflow.source.name"
 SOURCE_TYPE_TAG = "mlflow.source.type"
 SOURCE_GIT_COMMIT_TAG = "mlflow.source.git.commit"
-FINAL_STATUS = {"completed": "FINISHED", "stopped_early": "FINISHED", "failed": "FAILED", "replaced": "KILLED"}
-REPLACED_REASON = (
-    "this trial started in the moments before the sweep was killed, after Tune last saved the sweep's state;"
-    " --resume could not continue it and ran a new trial in its place. Its logged epochs are kept."
-)
-
-TRIAL_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
-"""For trial processes: fail a request to an unreachable server in seconds (MLflow's own
-retries wait about 4 minutes), so ``TrialRun`` holds the epoch and training goes on."""
-STORE_PATIENCE_S = 300.0
-"""How long a trial waits, at its start and at its end, for an unreachable store to return."""
-STORE_RETRY_S = 5.0
-T = TypeVar("T")
 
 
 def check_store(uri: str) -> None:
@@ -168,24 +161,6 @@ def sweep_exists(uri: str, sweep: str) -> bool:
     return bool(client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'"))
 
 
-@dataclass(frozen=True)
-class SweepRun:
-    """What a trial needs to log into its sweep; small and picklable for Ray."""
-
-    uri: str
-    experiment_id: str
-    parent_run_id: str
-    sweep: str
-
-
-def sqlite_artifact_root(uri: str) -> Path | None:
-    """Where a SQLite store keeps artifacts: beside its database (MLflow's default is ./mlruns
-    under whatever folder the process runs in). None for any other store."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri.removeprefix("sqlite:///")).parent / "artifacts"
-
-
 def _artifact_location(uri: str, sweep: str) -> str | None:
     """A sweep's artifacts in a SQLite store's folder; a server chooses its own."""
     root = sqlite_artifact_root(uri)
@@ -239,11 +214,6 @@ def log_sweep_artifacts(run: SweepRun, paths: list[Path], folder: str | None = N
         client.log_artifact(run.parent_run_id, str(path), folder)
 
 
-def run_page(run: SweepRun, server: str) -> str:
-    """The parent run's page in an MLflow UI served at ``server``."""
-    return f"{server.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.parent_run_id}"
-
-
 def delete_sweep(run: SweepRun) -> None:
     """Remove a sweep that never got to run a trial: its parent run and any child runs."""
     client = MlflowClient(run.uri)
@@ -274,32 +244,6 @@ def _get_or_create_trial_run(client: MlflowClient, sweep: SweepRun, trial_id: st
     return client.create_run(sweep.experiment_id, run_name=trial_id, tags=tags).info.run_id, True
 
 
-# A store outage surfaces as MLflow's own, requests' or SQLAlchemy's errors, so the two
-# policies below catch Exception: wait for the store, or postpone an optional step.
-
-
-def _patiently(call: Callable[[], T], patience_s: float) -> T:
-    """``call()``, retried every ``STORE_RETRY_S`` for up to ``patience_s`` while it fails."""
-    deadline = time.monotonic() + patience_s
-    while True:
-        try:
-            return call()
-        except Exception:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(STORE_RETRY_S)
-
-
-def unless_store_is_away(log: Callable[[], None]) -> bool:
-    """Run an optional logging step; False (try again later) when the store does not answer."""
-    try:
-        log()
-    except Exception as error:
-        print(f"MLflow logging postponed ({type(error).__name__}: {error})", file=sys.stderr)
-        return False
-    return True
-
-
 class TrialRun:
     """A trial's child run, logged from rank 0 of the trial only.
 
@@ -311,7 +255,7 @@ class TrialRun:
 
     def __init__(self, sweep: SweepRun, trial_id: str, params: dict[str, object]) -> None:
         self.client = MlflowClient(sweep.uri)
-        self.run_id, created = _patiently(
+        self.run_id, created = patiently(
             lambda: _get_or_create_trial_run(self.client, sweep, trial_id), STORE_PATIENCE_S
         )
         self.logged_epochs: set[int] = set()
@@ -319,12 +263,12 @@ class TrialRun:
         self.earlier_failure: str | None = None
         """Why an earlier attempt of this trial failed in a way a restart would repeat."""
         if created:
-            _patiently(
+            patiently(
                 lambda: self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()]),
                 STORE_PATIENCE_S,
             )
         else:
-            self.earlier_failure, self.logged_epochs = _patiently(self._reattach, STORE_PATIENCE_S)
+            self.earlier_failure, self.logged_epochs = patiently(self._reattach, STORE_PATIENCE_S)
 
     def _reattach(self) -> tuple[str | None, set[int]]:
         """A restarted trial's run, running again: (its recorded failure, the epochs it holds)."""
@@ -350,7 +294,7 @@ class TrialRun:
         """Send the held epochs, oldest first, retrying for up to ``patience_s``; returns
         those still unsent (and says so on stderr, which Ray keeps in the worker log)."""
         try:
-            _patiently(self._send_held, patience_s)
+            patiently(self._send_held, patience_s)
         except Exception as error:
             unsent = [what for what, _ in self.held]
             print(f"MLflow store unreachable ({type(error).__name__}); holding {', '.join(unsent)}", file=sys.stderr)
@@ -375,7 +319,7 @@ class TrialRun:
 
     def record_failure(self, reason: str) -> None:
         """Note a failure that a restart would repeat, so the restarted attempt stops at once."""
-        _patiently(lambda: self.client.set_tag(self.run_id, REASON_TAG, reason[:4000]), STORE_PATIENCE_S)
+        patiently(lambda: self.client.set_tag(self.run_id, REASON_TAG, reason[:4000]), STORE_PATIENCE_S)
 
     def note_resume(self, note: str) -> None:
         self.client.set_tag(self.run_id, RESUME_NOTE_TAG, note[:4000])
@@ -439,10 +383,6 @@ def close_trial(sweep: SweepRun, trial_id: str, outcome: str, reason: str | None
 # The sweep's best model: logged at the sweep's end, loaded by ``python -m artefact predict``.
 
 
-def registered_model_name(sweep: str) -> str:
-    return f"artefact-{sweep}"
-
-
 def trial_text(sweep: SweepRun, trial_id: str, name: str) -> str | None:
     """A text file a trial's run holds (its resolved ``config.yaml``); None when it has none."""
     client = MlflowClient(sweep.uri)
@@ -467,7 +407,7 @@ def log_best_model(
     # In the sweep's experiment: MLflow would put a model logged by run id alone in the default one.
     logged = client.create_logged_model(sweep.experiment_id, name=MODEL_NAME, source_run_id=run_id)
     # Model.log and the SQL registry look the logged model up in MLflow's global store.
-    with _global_tracking_uri(sweep.uri), _quiet("mlflow.pytorch"):
+    with global_tracking_uri(sweep.uri), quiet("mlflow.pytorch"):
         mlflow.pytorch.log_model(
             model,
             name=MODEL_NAME,
@@ -483,36 +423,6 @@ def log_best_model(
     return run_id, version
 
 
-@contextmanager
-def _global_tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's process-wide store set to ``uri`` for a while: ``log_model``, the SQL registry
-    and ``models:/`` URIs read it, where everything else here names its store explicitly.
-    Set through MLflow's documented variables, read at each call, so that leaving restores
-    exactly what was there (``mlflow.set_tracking_uri`` cannot be undone to "not set")."""
-    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    os.environ.update(dict.fromkeys(saved, uri))
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-@contextmanager
-def _quiet(logger: str) -> Iterator[None]:
-    """Hide a logger's warnings for a choice made on purpose (pickling a model we load ourselves)."""
-    target = logging.getLogger(logger)
-    level = target.level
-    target.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        target.setLevel(level)
-
-
 def _register(client: MlflowClient, name: str, model_id: str, run_id: str) -> str | None:
     """A new version of the registered model ``name``; None where the store has no registry."""
     try:
@@ -525,15 +435,6 @@ def _register(client: MlflowClient, name: str, model_id: str, run_id: str) -> st
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     return client.create_model_version(name, f"models:/{model_id}", run_id=run_id, model_id=model_id).version
-
-
-@dataclass
-class TrainedModel:
-    """A model loaded from a run, with the text of the files logged beside it."""
-
-    run_id: str
-    model: object
-    files: dict[str, str]
 
 
 def load_logged_model(uri: str, run: str, map_location: str) -> TrainedModel:
@@ -556,7 +457,7 @@ def load_logged_model(uri: str, run: str, map_location: str) -> TrainedModel:
             " pass best:<sweep> or that run's id."
         )
     model_id = max(models, key=lambda model: model.creation_timestamp).model_id
-    with tempfile.TemporaryDirectory(prefix="artefact-model-") as folder, _global_tracking_uri(uri):
+    with tempfile.TemporaryDirectory(prefix="artefact-model-") as folder, global_tracking_uri(uri):
         path = Path(mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=folder))
         try:
             model = mlflow.pytorch.load_model(str(path), map_location=map_location)

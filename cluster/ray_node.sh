@@ -26,7 +26,7 @@ token=${RAY_AUTH_TOKEN_PATH:-}
 export RAY_AUTH_MODE=token
 # Stopping a node drains it for 30 s by default; the job stops Ray only once the sweep is over.
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}
-# No idle worker per CPU started ahead: trials never use them (NO_IDLE_WORKERS_ENV, artefact/ray_env.py).
+# No idle worker per CPU started ahead: trials never use them (NO_IDLE_WORKERS_ENV, artefact/tune/ray_env.py).
 export RAY_enable_worker_prestart=0 RAY_prestart_worker_first_driver=0
 
 cpus=${SLURM_CPUS_ON_NODE:-$(getconf _NPROCESSORS_ONLN)}

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from artefact import figures
+from artefact.report import figures
 
 
 def assert_drawn(path: Path, size: tuple[float, float]) -> np.ndarray:

@@ -25,10 +25,11 @@ TRIAL_ACTOR = "ImplicitFunc"
 """The class of a Tune function trial's actor, where a one-worker trial trains."""
 
 
-def import_script(name: str):
-    """``sweeps/<name>.py`` as a module, to call its functions in process (fast, and capsys
-    sees their output). It is registered under its name first: dataclasses look it up there."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "sweeps" / f"{name}.py")
+def import_script(name: str, folder: str = "sweeps"):
+    """``<folder>/<name>.py`` (a script of sweeps/ or bench/) as a module, to call its functions
+    in process (fast, and capsys sees their output). It is registered under its name first:
+    dataclasses look it up there."""
+    spec = importlib.util.spec_from_file_location(name, REPO / folder / f"{name}.py")
     module = sys.modules[name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

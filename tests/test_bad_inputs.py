@@ -22,8 +22,9 @@ from builders import Row, png_bytes, random_rows, run_cli, write_folder, write_p
 from PIL import Image
 
 from artefact.config import ModelConfig
-from artefact.data.prepare import PrepareParams, prepare
-from artefact.data.sample import check_id
+from artefact.data.cache import PrepareParams
+from artefact.data.prepare import prepare
+from artefact.data.sources.sample import check_id
 from artefact.errors import UserError
 from artefact.models import build_model, resolve_encoder
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from artefact.checkpoint import copy_atomic, load_checkpoint, save_checkpoint
 from artefact.errors import UserError
+from artefact.train.checkpoint import copy_atomic, load_checkpoint, save_checkpoint
 
 MARKER = "pwned"
 

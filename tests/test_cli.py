@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from builders import REPO, free_port, run_cli
 
-from artefact.data.prepare import read_index
+from artefact.data.cache import read_index
 
 
 def test_synth_then_prepare_then_reuse(tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ import pytest
 import torch
 from sweep_helpers import import_script
 
-from artefact.checkpoint import load_checkpoint, save_checkpoint
 from artefact.cli import run_cli
+from artefact.train.checkpoint import load_checkpoint, save_checkpoint
 
 encoder_bench = import_script("encoder_bench")
 

@@ -1,5 +1,5 @@
 """A 2-worker DDP trial (gloo on CPU) against a 1-worker run on the same data, on a cluster
-set up as a sweep's (``artefact.ray_env``)."""
+set up as a sweep's (``artefact.tune.ray_env``)."""
 
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import json, sys
 from pathlib import Path
-from artefact.ray_env import prepare_local_cluster
+from artefact.tune.ray_env import prepare_local_cluster
 
 prepare_local_cluster(Path(sys.argv[3]))
 import ray
 from ray._private.state import actors  # from GCS: this cluster has no dashboard for ray.util.state
 from artefact.config import Config
-from artefact.distributed import build_trainer
+from artefact.tune.ddp import build_trainer
+from artefact.tune.trial import TrialContext
 
 ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
 base = Config().replace(
@@ -34,7 +35,7 @@ base = Config().replace(
 out = {}
 for workers, batch in ((1, 8), (2, 4)):
     cfg = base.replace(train={"batch_size": batch}, resources={"workers_per_trial": workers, "cpus_per_worker": 0.95})
-    result = build_trainer(cfg, Path(sys.argv[1]), Path(sys.argv[2]), f"ddp-{workers}", None).fit()
+    result = build_trainer(cfg, TrialContext(Path(sys.argv[1]), Path(sys.argv[2])), f"ddp-{workers}").fit()
     out[workers] = result.metrics
 out["actor_classes"] = sorted({actor["ActorClassName"] for actor in actors().values()})  # dead ones too
 print("RESULT " + json.dumps(out))

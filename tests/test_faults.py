@@ -29,9 +29,9 @@ from sweep_helpers import (
     sweep_runs,
 )
 
-from artefact.faults import FAULT_ENV
-from artefact.ray_env import sweep_token_file
-from artefact.tracking import REASON_TAG, RESUME_NOTE_TAG
+from artefact.tracking_store import REASON_TAG, RESUME_NOTE_TAG
+from artefact.train.faults import FAULT_ENV
+from artefact.tune.ray_env import sweep_token_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

@@ -10,10 +10,10 @@ import optuna
 import pytest
 from image_checks import assert_drawn
 
-from artefact import figures
-from artefact.figures import Evaluation, Prediction
-from artefact.report import write_plots
-from artefact.search import TrialSummary
+from artefact.report import figures
+from artefact.report.figures import Evaluation, Prediction
+from artefact.report.leaderboard import write_plots
+from artefact.report.trials import TrialSummary
 from artefact.taxonomy import FINE_NAMES, HEAD_CLASS_NAMES, IGNORE_INDEX, palette
 
 

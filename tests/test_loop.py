@@ -13,17 +13,20 @@ import torch
 from builders import random_rows, small_config, write_folder
 from torch.utils.data import DataLoader
 
-from artefact import loop
-from artefact.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from artefact.config import Config
 from artefact.data import dataset
+from artefact.data.cache import PrepareParams, read_index
 from artefact.data.dataset import ArrayStore, TrainDataset, ValDataset
-from artefact.data.prepare import PrepareParams, prepare, read_index
-from artefact.errors import UserError
-from artefact.faults import FAULT_ENV, planned_fault
-from artefact.loop import LocalReporter, TrainingDiverged, TrialOutOfMemory, predict_tiled, train
+from artefact.data.prepare import prepare
+from artefact.errors import TrainingDiverged, TrialOutOfMemory, UserError
 from artefact.models import build_model
 from artefact.taxonomy import FINE_NAMES, IGNORE_INDEX
+from artefact.train import evaluation, loop
+from artefact.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from artefact.train.evaluation import predict_tiled
+from artefact.train.faults import FAULT_ENV, planned_fault
+from artefact.train.loop import train
+from artefact.train.reporters import LocalReporter
 
 QUIET = {"log": lambda *_: None}
 
@@ -33,12 +36,12 @@ def untrained_metrics(cfg: Config, cache: Path) -> dict[str, float]:
     loop._seed_everything(cfg.train.seed)
     model = build_model(cfg.model, cfg.data.resolution)
     val_set = ValDataset(cache, cfg.data.resolution)
-    return loop._validate(
+    return evaluation.validate(
         model,
         DataLoader(val_set, batch_size=1),
         val_set.materials,
         [],
-        loop.Normaliser(torch.device("cpu")),
+        evaluation.Normaliser(torch.device("cpu")),
         loop.build_loss(cfg, cache, torch.device("cpu")),
         None,
         cfg.data.resolution,
@@ -77,7 +80,7 @@ def test_a_short_cpu_run_learns(tmp_path: Path, synthetic_cache: Path) -> None:
 
     # The best epoch's figures: one confusion matrix per head, overlays of the first val images.
     figures = sorted(p.name for p in (tmp_path / "figures").iterdir())
-    assert figures[0] == "confusion_fine.png" and len(figures) == 1 + loop.PREDICTION_IMAGES, figures
+    assert figures[0] == "confusion_fine.png" and len(figures) == 1 + evaluation.PREDICTION_IMAGES, figures
     assert all(name.startswith("prediction_") for name in figures[1:])
 
 

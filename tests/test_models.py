@@ -13,8 +13,6 @@ from builders import small_config
 
 from artefact.config import ModelConfig
 from artefact.errors import UserError
-from artefact.loop import LocalReporter, train
-from artefact.memory import estimate_training_gb
 from artefact.models import (
     ENCODER_ALIASES,
     build_model,
@@ -23,6 +21,9 @@ from artefact.models import (
     resolve_encoder,
     smp_native_encoders,
 )
+from artefact.preflight import estimate_training_gb
+from artefact.train.loop import train
+from artefact.train.reporters import LocalReporter
 
 CLASSES = {"binary": 2, "coarse": 4, "fine": 16}
 TINY = ("tu-test_convnext", "tu-test_resnet", "tu-test_coatnet", "tu-test_maxvit")

@@ -19,9 +19,9 @@ import pytest
 from builders import small_config
 from sweep_helpers import import_script, ray_cluster_processes
 
-from artefact.bench import throughput
-from artefact.bench.sweeps import early_stopping_args
 from artefact.config import parse_overrides
+from bench import throughput
+from bench.sweeps import early_stopping_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ POSITIVE = {
 def test_quick_benchmark_writes_every_field(tmp_path: Path) -> None:
     out = tmp_path / "perf"
     done = subprocess.run(
-        [sys.executable, str(REPO / "sweeps" / "perf_bench.py"), "--quick", "--profile", "cpu-smoke"]
+        [sys.executable, str(REPO / "bench" / "perf_bench.py"), "--quick", "--profile", "cpu-smoke"]
         + ["--out", str(out), "--workdir", str(tmp_path / "work")],
         capture_output=True,
         text=True,
@@ -130,7 +130,7 @@ def test_the_early_stopping_item_waits_an_eighth_of_the_epochs_unless_told_other
 
 def test_each_loop_row_is_printed_as_soon_as_it_is_measured(monkeypatch, capsys) -> None:
     """A run cut short (a lent GPU's time limit) must still have shown the rows it measured."""
-    bench = import_script("perf_bench")
+    bench = import_script("perf_bench", folder="bench")
     printed_before_ray = []
 
     def ray_train_speed(cfg, cache, steps, cpus) -> float:
@@ -154,7 +154,7 @@ def test_each_loop_row_is_printed_as_soon_as_it_is_measured(monkeypatch, capsys)
 
 def test_unknown_item_is_refused_before_anything_runs(tmp_path: Path, bad_input_tried) -> None:
     done = subprocess.run(
-        [sys.executable, str(REPO / "sweeps" / "perf_bench.py"), "--items", "loop,warp", "--out", str(tmp_path)],
+        [sys.executable, str(REPO / "bench" / "perf_bench.py"), "--items", "loop,warp", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -173,7 +173,7 @@ def test_a_size_below_one_is_refused_before_anything_runs(
     tmp_path: Path, flag: str, value: str, bad_input_tried
 ) -> None:
     done = subprocess.run(
-        [sys.executable, str(REPO / "sweeps" / "perf_bench.py"), flag, value, "--out", str(tmp_path)],
+        [sys.executable, str(REPO / "bench" / "perf_bench.py"), flag, value, "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -188,10 +188,10 @@ STALLED_RAY_TRAIN = """
 import sys
 import time
 from pathlib import Path
-from artefact.ray_env import prepare_local_cluster
+from artefact.tune.ray_env import prepare_local_cluster
 
 prepare_local_cluster(Path(sys.argv[2]))
-from artefact.bench.throughput import RayTrainFailed, ray_train_speed
+from bench.throughput import RayTrainFailed, ray_train_speed
 from artefact.config import Config
 
 cfg = Config().replace(data={"resolution": 64}, model={"encoder": "tu-test_convnext"})

@@ -20,23 +20,15 @@ from PIL import Image
 from sweep_helpers import REPO, sweep_runs
 
 from artefact import cli
-from artefact.checkpoint import CHECKPOINT_FILE, save_checkpoint
 from artefact.config import dump_yaml
-from artefact.loop import Normaliser, predict_tiled
 from artefact.models import build_model
 from artefact.predict import CLASSES_FILE, CONFIG_FILE, log_best, overlay
-from artefact.search import TrialSummary
+from artefact.report.trials import TrialSummary
 from artefact.taxonomy import class_table, palette
-from artefact.tracking import (
-    BEST_RUN_TAG,
-    SweepRun,
-    check_store,
-    close_trial,
-    find_trial_run,
-    finish_sweep,
-    load_logged_model,
-    open_sweep,
-)
+from artefact.tracking import check_store, close_trial, find_trial_run, finish_sweep, load_logged_model, open_sweep
+from artefact.tracking_store import BEST_RUN_TAG, SweepRun
+from artefact.train.checkpoint import CHECKPOINT_FILE, save_checkpoint
+from artefact.train.evaluation import Normaliser, predict_tiled
 
 METRIC = "val/miou_fine"
 SIZES = ((40, 52), (64, 64), (97, 150), (230, 301))

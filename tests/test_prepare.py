@@ -17,11 +17,12 @@ from builders import REPO, Row, random_rows, write_folder, write_png_streaming
 
 from artefact.config import Config, DataConfig
 from artefact.data import prepare as prep
-from artefact.data.prepare import CLASS_PIXELS, PrepareParams, class_pixels, ensure_cache, prepare, read_index
+from artefact.data.cache import CLASS_PIXELS, PrepareParams, class_pixels, read_index
+from artefact.data.prepare import ensure_cache, prepare
 from artefact.errors import UserError
-from artefact.loop import build_loss
 from artefact.losses import class_weights
 from artefact.taxonomy import COARSE_LUT, VALID_MASK_VALUES
+from artefact.train.loop import build_loss
 
 QUIET = {"log": lambda *_: None}
 
@@ -250,7 +251,7 @@ def test_a_cache_from_before_class_pixels_gets_them_on_first_use(
     def read_only(*_) -> None:
         raise PermissionError("read-only file system")
 
-    monkeypatch.setattr(prep, "_write_class_pixels", read_only)
+    monkeypatch.setattr("artefact.data.cache.write_class_pixels", read_only)
     assert class_pixels(cache) == json.loads(stored)["pixels"], "a cache that cannot be written still trains"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from artefact.search import ProgressLog
+from artefact.tune.progress import ProgressLog
 
 
 @dataclass(eq=False)

@@ -1,4 +1,4 @@
-"""The local Ray cluster a sweep starts (``artefact.ray_env``)."""
+"""The local Ray cluster a sweep starts (``artefact.tune.ray_env``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sweep_helpers import REPO, ray_cluster_processes
 SCRIPT = """
 import os, sys
 from pathlib import Path
-from artefact.ray_env import prepare_local_cluster
+from artefact.tune.ray_env import prepare_local_cluster
 
 prepare_local_cluster(Path(sys.argv[1]))
 import ray

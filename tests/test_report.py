@@ -10,10 +10,11 @@ import pytest
 
 from artefact.config import load_config
 from artefact.errors import UserError
-from artefact.memory import check_fits
-from artefact.report import leaderboard, render_text, write_leaderboard
-from artefact.search import TrialSummary, _training_time
-from artefact.trial import apply_trial_params
+from artefact.preflight import check_fits
+from artefact.report.leaderboard import leaderboard, render_text, write_leaderboard
+from artefact.report.trials import TrialSummary
+from artefact.tune.results import _training_time
+from artefact.tune.space import apply_trial_params
 
 
 def _trial(trial_id: str, encoder: str, score: float, train_s: float, outcome: str = "completed") -> TrialSummary:

@@ -3,14 +3,17 @@ trial's config) and, after a resume, no trial left RUNNING once the sweep ends."
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import optuna
+import pytest
 
 from artefact.config import Config
-from artefact.report import describe_config
-from artefact.search import SearchSpace, default_points, fail_orphaned_study_trials, optuna_storage, space_description
-from artefact.trial import apply_trial_params
+from artefact.report.leaderboard import describe_config
+from artefact.tune.progress import ProgressLog
+from artefact.tune.space import SearchSpace, apply_trial_params, default_points, space_description
+from artefact.tune.tuner import ResumableOptunaSearch, fail_orphaned_study_trials, optuna_storage
 
 
 def test_searched_loss_kinds_and_class_weightings_are_sampled_into_the_trial_config() -> None:
@@ -61,3 +64,10 @@ def test_a_suggestion_the_killed_sweep_never_recorded_ends_failed_and_the_others
     states = [t.state for t in optuna.load_study(study_name="killed", storage=optuna_storage(tmp_path)).trials]
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
     assert optuna.load_study(study_name="killed", storage=optuna_storage(tmp_path)).best_value == 0.3
+
+
+@pytest.mark.parametrize("name", ["ResumableOptunaSearch", "SearchSpace", "ProgressLog"])
+def test_a_sweep_saved_before_the_package_layout_finds_its_pickled_classes(name: str) -> None:
+    """Tune's saved state names these classes by their old module; --resume must still load them."""
+    current = {"ResumableOptunaSearch": ResumableOptunaSearch, "SearchSpace": SearchSpace, "ProgressLog": ProgressLog}
+    assert pickle.loads(f"cartefact.search\n{name}\n.".encode()) is current[name]

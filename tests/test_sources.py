@@ -17,9 +17,9 @@ import pytest
 from builders import IMAGE_STRUCT, REPO, Row, _png_chunk, random_rows, write_folder, write_parquet_by_hand
 from PIL import Image
 
-from artefact.data.folder import FolderWriter, read_folder
-from artefact.data.parquet import ParquetWriter, _encoded_images, read_parquet, shard_paths
 from artefact.data.prepare import read_source
+from artefact.data.sources.folder import FolderWriter, read_folder
+from artefact.data.sources.parquet import ParquetWriter, _encoded_images, read_parquet, shard_paths
 from artefact.errors import UserError
 
 
@@ -171,7 +171,7 @@ def test_read_source_dispatches_on_layout(tmp_path: Path) -> None:
 PEAK_OF_ONE_SAMPLE = """
 import sys
 from pathlib import Path
-from artefact.data.parquet import read_parquet
+from artefact.data.sources.parquet import read_parquet
 
 def kb(field):
     return int(open("/proc/self/status").read().split(field + ":")[1].split()[0])

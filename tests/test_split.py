@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from builders import random_rows, write_folder
 
-from artefact.data.prepare import PrepareParams, prepare, read_index
+from artefact.data.cache import PrepareParams, read_index
+from artefact.data.prepare import prepare
 from artefact.data.split import GroupInfo, assign_splits
 from artefact.errors import UserError
 

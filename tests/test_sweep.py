@@ -14,8 +14,8 @@ from image_checks import assert_drawn
 from mlflow.tracking import MlflowClient
 from sweep_helpers import TRIAL_ACTOR, bench_command, kill_process_tree, run_bench, sweep_runs
 
-from artefact.figures import CONFUSION_SIZE, CURVES_SIZE, HEATMAP_SIZE, SCATTER_SIZE
-from artefact.loop import PREDICTION_IMAGES
+from artefact.report.figures import CONFUSION_SIZE, CURVES_SIZE, HEATMAP_SIZE, SCATTER_SIZE
+from artefact.train.evaluation import PREDICTION_IMAGES
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

@@ -68,11 +68,12 @@ def test_a_sweep_that_fails_before_any_trial_leaves_nothing_behind(tmp_path: Pat
     from artefact.config import Config, SweepRequest
     from artefact.errors import UserError
     from artefact.tracking import sweep_exists
+    from artefact.tune import cluster
 
-    def refuse(request):
+    def refuse(address, verbose):
         raise UserError("the local Ray cluster bound to 10.0.0.1 instead of 127.0.0.1")
 
-    monkeypatch.setattr(sweep, "_connect_ray", refuse)
+    monkeypatch.setattr(cluster, "connect", refuse)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     profile = REPO / "sweeps" / "cpu-smoke.yaml"
     request = SweepRequest(Config(), "cpu-smoke", profile, "early", tmp_path / "results", tmp_path / "ws", store)

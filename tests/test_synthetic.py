@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from artefact.data.parquet import read_parquet
-from artefact.data.synthetic import MATERIALS, generate, render
+from artefact.data.sources.parquet import read_parquet
+from artefact.data.sources.synthetic import MATERIALS, generate, render
 from artefact.errors import UserError
 from artefact.taxonomy import FINE_NAMES, IGNORE_INDEX, NUM_FINE, VALID_MASK_VALUES
 

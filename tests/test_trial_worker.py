@@ -14,11 +14,12 @@ from builders import random_rows, write_folder
 from mlflow.tracking import MlflowClient
 
 from artefact.config import Config
-from artefact.data.prepare import PrepareParams, class_pixels, prepare
-from artefact.figures import Evaluation
+from artefact.data.cache import PrepareParams, class_pixels
+from artefact.data.prepare import prepare
+from artefact.report.figures import Evaluation
 from artefact.taxonomy import HEAD_CLASS_NAMES
 from artefact.tracking import TrialRun, open_sweep
-from artefact.trial_worker import CLASS_WEIGHTS_FILE, EVALUATION_FOLDER, RayReporter, trial_params
+from artefact.train.reporters import CLASS_WEIGHTS_FILE, EVALUATION_FOLDER, TrialReporter, trial_params
 
 
 def _epoch(epoch: int) -> tuple[dict[str, float], Evaluation]:
@@ -42,7 +43,7 @@ def test_figures_are_drawn_at_the_last_epoch_not_at_every_improving_one(
     run = TrialRun(open_sweep(uri, "figures", {}), "trial-1", {"encoder": "tu-test_resnet"})
     sent = []
     cfg = Config().replace(train={"epochs": 4}, sweep=sweep)
-    reporter = RayReporter(run, cfg, lambda metrics, _: sent.append(metrics["epoch"]))
+    reporter = TrialReporter(run, cfg, lambda metrics, _: sent.append(metrics["epoch"]))
     for epoch in range(1, 5):  # every epoch improves, in well under a minute
         metrics, evaluation = _epoch(epoch)
         reporter.report(metrics, None, evaluation)
@@ -62,7 +63,7 @@ def test_the_class_weights_table_and_loss_params_are_logged(tmp_path: Path) -> N
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = TrialRun(open_sweep(uri, "weights", {}), "trial-1", trial_params(cfg))
-    reporter = RayReporter(run, cfg, lambda *_: None, cache)
+    reporter = TrialReporter(run, cfg, lambda *_: None, cache)
     reporter.report(_epoch(1)[0], None, None)
     reporter.close()
 

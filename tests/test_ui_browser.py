@@ -17,8 +17,8 @@ import pytest
 from builders import CHROMIUM, free_port
 from sweep_helpers import REPO, start_mlflow_server, sweep_runs
 
-from artefact.figures import CONFUSION_SIZE, DPI
-from artefact.loop import PREDICTION_IMAGES
+from artefact.report.figures import CONFUSION_SIZE, DPI
+from artefact.train.evaluation import PREDICTION_IMAGES
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.browser]
 

@@ -24,7 +24,7 @@ from artefact import cli, weights
 from artefact.config import Config, ModelConfig
 from artefact.errors import UserError
 from artefact.models import build_model
-from artefact.trial_worker import trial_params
+from artefact.train.reporters import trial_params
 
 TIMM_REPO = timm.get_pretrained_cfg("test_convnext").hf_hub_id
 """Where timm fetches test_convnext's default tag from, as timm itself says."""

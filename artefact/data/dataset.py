@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from artefact.data.prepare import read_index
+from artefact.data.cache import read_index
 from artefact.errors import UserError
 from artefact.taxonomy import IGNORE_INDEX
 

@@ -1,60 +1,43 @@
-"""``prepare``: turn a raw source into a training cache, one image at a time.
+"""``prepare``: turn a raw source into a training cache (``cache``), one image at a time.
 
-The cache is ``images/<id>.npy`` (H x W x 3 uint8), ``masks/<id>.npy`` (H x W uint8),
-``index.csv``, ``manifest.json`` and ``class_pixels.json`` (each head's labelled pixels per
-class on the training side, where class weights come from). It is built in a sibling
-``.partial`` folder and renamed into place only when complete, so an interrupted run never
-leaves a folder that looks like a cache. Re-running with the same parameters reuses the cache.
+The cache is built in a sibling ``.partial`` folder and renamed into place only when
+complete, so an interrupted run never leaves a folder that looks like a cache. Re-running
+with the same parameters reuses the cache.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from artefact.config import DataConfig
-from artefact.data.folder import is_folder_source, read_folder
-from artefact.data.parquet import read_parquet, shard_paths
-from artefact.data.sample import Sample, check_mask, class_ids, decode
+from artefact.data.cache import (
+    CACHE_VERSION,
+    MANIFEST,
+    PrepareParams,
+    class_pixels,
+    count_class_pixels,
+    is_cache,
+    write_class_pixels,
+    write_index,
+)
+from artefact.data.sources.folder import is_folder_source, read_folder
+from artefact.data.sources.parquet import read_parquet, shard_paths
+from artefact.data.sources.sample import Sample, check_mask, class_ids, decode
+from artefact.data.sources.synthetic import generate
 from artefact.data.split import GroupInfo, assign_splits
-from artefact.data.synthetic import generate
 from artefact.errors import UserError
-from artefact.taxonomy import HEAD_CLASS_NAMES, HEAD_LUTS
 
-MANIFEST = "manifest.json"
-INDEX = "index.csv"
-CLASS_PIXELS = "class_pixels.json"
-CACHE_VERSION = 1
-INDEX_COLUMNS = ("id", "group", "material", "content", "split", "height", "width")
 AUGMENTATIONS = ("hflip", "vflip", "rot90")
 SYNTHETIC_COUNT = 48
-
-
-@dataclass(frozen=True)
-class PrepareParams:
-    """Everything that changes the cache's contents; a change means a rebuild."""
-
-    max_side: int = 512
-    val_fraction: float = 0.2
-    holdout: str | None = None
-    augment_copies: int = 0
-    split_seed: int = 0
-    max_pixels: int = 250_000_000
-
-
-def is_cache(path: Path) -> bool:
-    return (path / MANIFEST).is_file()
 
 
 def read_source(path: Path, max_pixels: int) -> Iterator[Sample]:
@@ -101,8 +84,8 @@ def prepare(source: Path, out: Path, params: PrepareParams, log=print) -> Path:
             row["split"] = splits[row["group"]]
         rows += _augment_training_side(rows, partial, params.augment_copies)
         counts = {side: sum(r["split"] == side for r in rows) for side in ("train", "val")}
-        _write_index(partial / INDEX, rows)
-        _write_class_pixels(partial, _count_class_pixels(partial, rows))
+        write_index(partial, rows)
+        write_class_pixels(partial, count_class_pixels(partial, rows))
         manifest = {
             "version": CACHE_VERSION,
             "fingerprint": fingerprint,
@@ -214,78 +197,9 @@ def _apply(name: str, array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(array))
 
 
-def _write_index(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(INDEX_COLUMNS))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: row[key] for key in INDEX_COLUMNS})
-
-
-def read_index(cache: Path) -> list[dict]:
-    """The cache's rows, with height and width as ints."""
-    if not is_cache(cache):
-        raise UserError(f"{cache} is not a prepared cache (no {MANIFEST}); run `python -m artefact prepare`.")
-    with (cache / INDEX).open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    for row in rows:
-        row["height"], row["width"] = int(row["height"]), int(row["width"])
-    return rows
-
-
-def class_pixels(cache: Path) -> dict[str, list[int]]:
-    """Each head's labelled pixels per class id on the cache's training side only.
-
-    A cache prepared before these were stored gets them counted now, and saved if it can be
-    written (a read-only one is counted again next time).
-    """
-    path = cache / CLASS_PIXELS
-    if path.is_file():
-        return json.loads(path.read_text())["pixels"]
-    record = _count_class_pixels(cache, read_index(cache))
-    try:
-        _write_class_pixels(cache, record)
-    except OSError:
-        pass
-    return record["pixels"]
-
-
-def _count_class_pixels(cache: Path, rows: list[dict]) -> dict[str, object]:
-    """Per head, via the taxonomy's lookup tables, over the training rows (offline augmented
-    copies included), one mask at a time: a validation-only class gets no pixels here."""
-    fine = np.zeros(256, dtype=np.int64)
-    images = 0
-    for row in rows:
-        if row["split"] == "train":
-            fine += np.bincount(np.load(cache / "masks" / f"{row['id']}.npy").ravel(), minlength=256)
-            images += 1
-    pixels = {
-        head: [int(fine[HEAD_LUTS[head] == class_id].sum()) for class_id in range(len(names))]
-        for head, names in HEAD_CLASS_NAMES.items()
-    }
-    return {"side": "train", "images": images, "pixels": pixels}
-
-
-def _write_class_pixels(cache: Path, record: dict[str, object]) -> None:
-    """Written beside and renamed, so that a reader never sees half a file."""
-    handle, temporary = tempfile.mkstemp(dir=cache, prefix=f".{CLASS_PIXELS}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(record, file, indent=2)
-        os.replace(temporary, cache / CLASS_PIXELS)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def params_from(cfg: DataConfig) -> PrepareParams:
     """The cache-shaping subset of the data config (same field names)."""
     return PrepareParams(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(PrepareParams)})
-
-
-def cache_params(cache: Path) -> dict[str, object]:
-    """The data-config fields a cache was prepared with, from its manifest."""
-    return json.loads((cache / MANIFEST).read_text())["params"]
 
 
 def ensure_cache(cfg: DataConfig, workspace: Path, log=print) -> Path:

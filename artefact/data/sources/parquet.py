@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from artefact.data.sample import DEFAULT_MAX_PIXELS, Sample, check_id, open_image
+from artefact.data.sources.sample import DEFAULT_MAX_PIXELS, Sample, check_id, open_image
 from artefact.errors import UserError
 
 HF_REPO = "danielaivanova/damaged-media"

@@ -92,7 +92,7 @@ def _at_least_one(text: str) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python sweeps/perf_bench.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+        prog="python bench/perf_bench.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--profile", help="cpu-smoke, laptop, … or a YAML file (default: laptop with a GPU)")
     parser.add_argument("--items", default=",".join(ITEMS), help=f"comma-separated subset of {', '.join(ITEMS)}")
@@ -137,7 +137,7 @@ def _profile(name: str | None, overrides: list[str]):
 def _bench_cache(cfg, workdir: Path) -> Path:
     """A synthetic data set at the profile's image size, prepared the way a sweep prepares it."""
     from artefact.data.prepare import params_from, prepare
-    from artefact.data.synthetic import generate
+    from artefact.data.sources.synthetic import generate
 
     source = generate(workdir / "synthetic", count=48, size=(cfg.data.max_side // 2, cfg.data.max_side), seed=0)
     return prepare(source, workdir / "cache", params_from(cfg.data), log=lambda _: None)
@@ -145,7 +145,7 @@ def _bench_cache(cfg, workdir: Path) -> Path:
 
 def _loop_settings(cfg):
     """(AMP dtype, memory-format and compile options) that the bare loop shares with ours."""
-    from artefact.hardware import amp_dtype, select_device
+    from artefact.train.hardware import amp_dtype, select_device
 
     dtype = amp_dtype(cfg.train.amp, select_device(cfg.train.device))
     return dtype, {"channels_last": cfg.train.channels_last, "compile_model": cfg.train.compile}
@@ -153,7 +153,7 @@ def _loop_settings(cfg):
 
 def bare_speed(cfg, sizes: Sizes) -> float:
     """img/s of the bare loop: what the model consumes."""
-    from artefact.bench.throughput import bare_step_speed
+    from bench.throughput import bare_step_speed
 
     dtype, options = _loop_settings(cfg)
     return bare_step_speed(cfg, dtype, sizes.loop_steps, **options)["img_per_s"]
@@ -162,7 +162,7 @@ def bare_speed(cfg, sizes: Sizes) -> float:
 def measure_loop(cfg, cache: Path, sizes: Sizes) -> dict[str, object]:
     """Bare, ours and ours on Ray, interleaved and repeated (``Sizes.loop_repeats``): this
     machine's speed drifts by 10-20% from minute to minute, so each ratio uses medians."""
-    from artefact.bench.throughput import RayTrainFailed, loop_speed, ray_train_speed
+    from bench.throughput import RayTrainFailed, loop_speed, ray_train_speed
 
     dtype, options = _loop_settings(cfg)
     try:
@@ -210,7 +210,7 @@ def measure_loop(cfg, cache: Path, sizes: Sizes) -> dict[str, object]:
 
 def measure_data(cfg, cache: Path, sizes: Sizes, model_img_per_s: float) -> dict[str, object]:
     """The profile's worker count, then more workers until the pipeline delivers 2x."""
-    from artefact.bench.throughput import pipeline_speed
+    from bench.throughput import pipeline_speed
 
     scan = {}
     candidates = sorted({cfg.data.num_workers, *(w for w in (0, 1, 2, 4, 8) if w <= (os.cpu_count() or 1))})
@@ -233,8 +233,8 @@ def measure_data(cfg, cache: Path, sizes: Sizes, model_img_per_s: float) -> dict
 def measure_gpu(sizes: Sizes) -> dict[str, object]:
     import torch
 
-    from artefact.bench.throughput import gpu_row
     from artefact.config import from_dict
+    from bench.throughput import gpu_row
 
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA GPU is visible"}
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="artefact-perf-") as scratch:
             workdir = (args.workdir or Path(scratch)).resolve()
             workdir.mkdir(parents=True, exist_ok=True)
-            from artefact.ray_env import prepare_local_cluster  # before anything imports Ray
+            from artefact.tune.ray_env import prepare_local_cluster  # before anything imports Ray
 
             prepare_local_cluster(workdir / "ray.token")
             results = run_items(items, sizes, args.profile, args.overrides, workdir)
@@ -331,19 +331,19 @@ def run_items(
             model = results.get("loop", {}).get("bare_img_per_s") or bare_speed(cfg, sizes)
             results[item] = measure_data(cfg, cache, sizes, model)
         elif item == "sweep":
-            from artefact.bench.sweeps import sweep_overhead
+            from bench.sweeps import sweep_overhead
 
             results[item] = sweep_overhead(
                 cfg, profile, overrides, sizes.sweep_trials, sizes.sweep_epochs, workdir / "sweep", workspace(cfg)
             )
         elif item == "early_stopping":
-            from artefact.bench.sweeps import early_stopping
+            from bench.sweeps import early_stopping
 
             results[item] = early_stopping(
                 cfg, profile, overrides, sizes.asha_trials, sizes.asha_epochs, workdir / "asha", workspace(cfg)
             )
         elif item == "prepare":
-            from artefact.bench.prepare import prepare_memory
+            from bench.prepare import prepare_memory
 
             results[item] = prepare_memory(
                 workdir / "prepare", sizes.huge_megapixels, sizes.ordinary_images, sizes.prepare_max_side

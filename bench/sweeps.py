@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 from artefact.config import Config, read_yaml
-from artefact.search import max_concurrent_trials
+from artefact.tune.tuner import max_concurrent_trials
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "sweeps" / "encoder_bench.py"
 
 

@@ -12,8 +12,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from artefact.figures import iou_heatmap, speed_quality_scatter, validation_curves
-from artefact.search import TrialSummary
+from artefact.report.figures import iou_heatmap, speed_quality_scatter, validation_curves
+from artefact.report.trials import TrialSummary
 from artefact.taxonomy import FINE_NAMES
 
 HEAD_COLUMNS = ("val/miou_fine", "val/miou_coarse", "val/miou_binary")

@@ -21,11 +21,11 @@ import torch
 
 from artefact.config import Config
 from artefact.data.dataset import TrainDataset, load_split
-from artefact.hardware import configure_kernels, peak_tflops, select_device
-from artefact.loop import Ranks, make_train_loader, train
 from artefact.losses import MultitaskLoss
 from artefact.models import TRAINING_FLOP_FACTOR, build_model, forward_gflop
 from artefact.taxonomy import HEAD_LUTS
+from artefact.train.hardware import configure_kernels, peak_tflops, select_device
+from artefact.train.loop import Ranks, make_train_loader, train
 
 
 def _synchronise(device: torch.device) -> None:
@@ -189,7 +189,8 @@ def _drive_ray_train(cfg: Config, cache: Path, steps: int, cpus: int, storage: P
     _die_with_the_benchmark()
     import ray
 
-    from artefact.distributed import build_trainer
+    from artefact.tune.ddp import build_trainer
+    from artefact.tune.trial import TrialContext
 
     run_cfg = measured_config(cfg, cache, steps).replace(
         resources={"workers_per_trial": 1, "cpus_per_worker": cpus, "gpus_per_worker": cfg.resources.gpus_per_worker}
@@ -204,7 +205,7 @@ def _drive_ray_train(cfg: Config, cache: Path, steps: int, cpus: int, storage: P
     )
     messages.put(("logs", str(Path(context.address_info["session_dir"]) / "logs")))
     try:
-        result = build_trainer(run_cfg, cache, storage, "perf", sweep=None).fit()
+        result = build_trainer(run_cfg, TrialContext(cache, storage), "perf").fit()
         messages.put(("result", result.metrics["perf/img_per_s"]))
     except Exception as error:  # reported by the parent, with Ray's logs
         messages.put(("error", f"{type(error).__name__}: {error}"))

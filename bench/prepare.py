@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from artefact.data.parquet import ParquetWriter
-from artefact.data.synthetic import generate, render
+from artefact.data.sources.parquet import ParquetWriter
+from artefact.data.sources.synthetic import generate, render
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 TILE = (500, 625)
 """One rendered synthetic sample, tiled to build the huge image (rendering 200 MP directly
 would take minutes)."""

@@ -54,6 +54,15 @@ it for the clusters started here (the benchmark's too); a sweep also passes it a
 runtime env, which is what reaches a cluster it joins (``--address``, SLURM)."""
 
 
+DRIVER_ENV = {
+    # Tune saves a sweep's state every 10 s or more by default; a trial that ends inside that
+    # window is re-run after a kill and --resume. Saving each second keeps the window short.
+    "TUNE_GLOBAL_CHECKPOINT_S": "1",
+}
+"""Read by Tune in the sweep's own process; the entry point sets it (a value already in the
+environment wins)."""
+
+
 def prepare_local_cluster(token_file: Path) -> Path:
     """Create the token file if needed and point this process (and Ray's children) at it, with
     the settings above."""

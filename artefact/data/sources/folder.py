@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from artefact.data.sample import DEFAULT_MAX_PIXELS, Sample, check_id, open_image
+from artefact.data.sources.sample import DEFAULT_MAX_PIXELS, Sample, check_id, open_image
 from artefact.errors import UserError
 
 METADATA = "metadata.csv"

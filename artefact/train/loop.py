@@ -1,14 +1,13 @@
 """The AMP training loop: plain PyTorch, usable with or without Ray.
 
-It reports each epoch's metrics and checkpoint through a ``Reporter``, so Ray Train,
-a test and the single-run CLI all drive the same code. Under DDP (a process group is
-already initialised, e.g. by Ray Train) it shards the data and sums confusion counts
-across ranks; only rank 0 writes checkpoints.
+It reports each epoch's metrics and checkpoint through a ``Reporter`` (``reporters``), so
+Ray Train, Ray Tune, a test and the single-run CLI all drive the same code. Under DDP (a
+process group is already initialised, e.g. by Ray Train) it shards the data and sums
+confusion counts across ranks; only rank 0 writes checkpoints.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
@@ -18,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,51 +26,25 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from artefact.checkpoint import CHECKPOINT_FILE, copy_atomic, load_checkpoint, save_checkpoint
 from artefact.config import Config
+from artefact.data.cache import class_pixels
 from artefact.data.dataset import TrainDataset, ValDataset
-from artefact.data.prepare import class_pixels
-from artefact.errors import UserError
-from artefact.faults import planned_fault
-from artefact.figures import Evaluation, Prediction, evaluation_figures
-from artefact.hardware import amp_dtype, configure_kernels, peak_memory_mb, reset_peak_memory, select_device
+from artefact.errors import TrainingDiverged, TrialOutOfMemory, UserError
 from artefact.losses import MultitaskLoss, class_weights
-from artefact.metrics import confusion_matrix, iou_per_class, mean_iou
 from artefact.models import build_model, count_parameters, forward_gflop
-from artefact.taxonomy import FINE_NAMES, HEAD_CLASS_NAMES, HEAD_LUTS, IGNORE_INDEX
+from artefact.report.figures import Evaluation
+from artefact.taxonomy import HEAD_CLASS_NAMES
+from artefact.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from artefact.train.evaluation import Normaliser, validate
+from artefact.train.faults import planned_fault
+from artefact.train.hardware import amp_dtype, configure_kernels, peak_memory_mb, reset_peak_memory, select_device
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-PREDICTION_IMAGES = 3
-"""Validation images drawn as prediction overlays for the best epoch."""
-PREVIEW_SIDE = 768
-"""Longest side of an overlay image; larger validation images are subsampled."""
+if TYPE_CHECKING:
+    from artefact.train.reporters import Reporter
+
 DIVERGENCE_CHECK_STEPS = 10
 """Steps between checks for a non-finite loss: each check waits for the GPU, so checking
 every step would stall the queue of kernels the CPU has launched ahead."""
-
-
-class Reporter(Protocol):
-    """Receives one epoch's metrics and, on rank 0, a folder holding its checkpoint and,
-    when the epoch is the best so far, its evaluation (for figures).
-
-    The folder is temporary: a reporter that wants to keep it must copy it before returning.
-    """
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, evaluation: Evaluation | None) -> None: ...
-
-
-class TrialFailure(RuntimeError):
-    """A failure that a restart from the last checkpoint would repeat: the trial is failed
-    at once instead of being retried (see ``trial_worker``)."""
-
-
-class TrainingDiverged(TrialFailure):
-    """The loss became NaN or infinite; the trial stops at once instead of wasting epochs."""
-
-
-class TrialOutOfMemory(TrialFailure):
-    """A step ran out of GPU memory with this trial's batch size, resolution and model."""
 
 
 @dataclass
@@ -151,7 +124,7 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
                 epoch,
             )
             train_seconds = time.perf_counter() - started
-            val_metrics, confusion, predictions = _validate(
+            val_metrics, confusion, predictions = validate(
                 model,
                 val_loader,
                 val_set.materials,
@@ -306,25 +279,6 @@ def make_train_loader(cfg: Config, dataset: TrainDataset, ranks: Ranks, device: 
     return loader
 
 
-class Normaliser:
-    """uint8 NCHW on the host -> normalised float on the device (4x less to copy)."""
-
-    def __init__(self, device: torch.device, channels_last: bool = False) -> None:
-        self.device = device
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-        self.luts = {head: torch.from_numpy(lut).to(device) for head, lut in HEAD_LUTS.items()}
-
-    def images(self, batch: torch.Tensor) -> torch.Tensor:
-        images = (batch.to(self.device, non_blocking=True).float() - self.mean) / self.std
-        return images.contiguous(memory_format=self.memory_format)
-
-    def targets(self, masks: torch.Tensor, heads: tuple[str, ...] | list[str]) -> dict[str, torch.Tensor]:
-        fine = masks.to(self.device, non_blocking=True).long()
-        return {head: self.luts[head][fine].long() for head in heads}
-
-
 def _train_epoch(
     net, loader, steps, optimizer, scheduler, scaler, normalise, criterion, dtype, grad_clip, ranks: Ranks, epoch: int
 ) -> dict[str, float]:
@@ -369,108 +323,6 @@ def _take(loader: DataLoader, steps: int) -> Iterator:
         yield batch
 
 
-@torch.no_grad()
-def predict_tiled(model: nn.Module, image: torch.Tensor, resolution: int, chunk: int) -> dict[str, torch.Tensor]:
-    """Logits for a (1, 3, H, W) image whose sides are multiples of ``resolution``.
-
-    Non-overlapping tiles at the training resolution work for every encoder, including
-    fixed-size transformers built for exactly that input size, and bound memory.
-    """
-    _, channels, height, width = image.shape
-    rows, cols = height // resolution, width // resolution
-    tiles = image.reshape(channels, rows, resolution, cols, resolution).permute(1, 3, 0, 2, 4)
-    tiles = tiles.reshape(rows * cols, channels, resolution, resolution)
-    outputs: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, tiles.shape[0], chunk):
-        for head, logits in model(tiles[start : start + chunk]).items():
-            outputs.setdefault(head, []).append(logits.float())
-    stitched = {}
-    for head, parts in outputs.items():
-        logits = torch.cat(parts)
-        classes = logits.shape[1]
-        logits = logits.reshape(rows, cols, classes, resolution, resolution).permute(2, 0, 3, 1, 4)
-        stitched[head] = logits.reshape(1, classes, height, width)
-    return stitched
-
-
-@torch.no_grad()
-def segment(
-    model: nn.Module,
-    image: torch.Tensor,
-    normalise: Normaliser,
-    dtype: torch.dtype | None,
-    resolution: int,
-    chunk: int,
-) -> dict[str, torch.Tensor]:
-    """Logits for a uint8 (1, 3, H, W) image of any size, as validation scores them: padded
-    with black (as ``ValDataset`` pads) to whole tiles, normalised, tiled, cropped back."""
-    height, width = image.shape[-2:]
-    padded = nn.functional.pad(image, (0, -width % resolution, 0, -height % resolution))
-    with torch.autocast(normalise.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        logits = predict_tiled(model, normalise.images(padded), resolution, chunk)
-    return {head: values[..., :height, :width] for head, values in logits.items()}
-
-
-@torch.no_grad()
-def _validate(
-    model, loader, materials, preview_ids, normalise, criterion, dtype, resolution, chunk, ranks
-) -> tuple[dict[str, float], dict[str, torch.Tensor], list[Prediction]]:
-    """Metrics, confusion counts per head (summed over ranks) and predictions for the first
-    ``PREDICTION_IMAGES`` of ``preview_ids`` (empty on ranks other than 0)."""
-    model.eval()
-    device = normalise.device
-    heads = list(criterion.head_weights)
-    confusion = {
-        h: torch.zeros(len(HEAD_CLASS_NAMES[h]), len(HEAD_CLASS_NAMES[h]), dtype=torch.long, device=device)
-        for h in heads
-    }
-    by_material = torch.zeros(len(materials), len(FINE_NAMES), len(FINE_NAMES), dtype=torch.long, device=device)
-    loss_sum = torch.zeros(2, device=device)
-    predictions: list[Prediction] = []
-    for index, (image, mask, material) in enumerate(loader):
-        targets = normalise.targets(mask, heads)
-        logits = segment(model, image, normalise, dtype, resolution, chunk)
-        loss, _ = criterion(logits, targets)
-        loss_sum += torch.stack([loss, torch.ones((), device=device)])
-        for head in heads:
-            cm = confusion_matrix(logits[head].argmax(1), targets[head], len(HEAD_CLASS_NAMES[head]))
-            confusion[head] += cm
-            if head == "fine":
-                by_material[int(material)] += cm
-        if index < min(PREDICTION_IMAGES, len(preview_ids)):
-            predictions.append(_preview(preview_ids[index], image[0], mask[0], logits["fine"][0].argmax(0)))
-    if ranks.distributed:
-        for cm in (*confusion.values(), by_material, loss_sum):
-            dist.all_reduce(cm)
-    metrics = {"val/loss": (loss_sum[0] / loss_sum[1].clamp_min(1)).item()}
-    for head in heads:
-        metrics[f"val/miou_{head}"] = mean_iou(confusion[head])
-    for name, iou in zip(FINE_NAMES, iou_per_class(confusion["fine"]).tolist(), strict=True):
-        if not math.isnan(iou):
-            metrics[f"val/iou/{name}"] = iou
-    for name, cm in zip(materials, by_material, strict=True):
-        if cm.sum() > 0:
-            metrics[f"val/miou_fine_by_material/{name}"] = mean_iou(cm)
-    return metrics, confusion, predictions
-
-
-def _preview(sample_id: str, image: torch.Tensor, truth: torch.Tensor, predicted: torch.Tensor) -> Prediction:
-    """A subsampled host copy of one validation image, its truth and its prediction, without
-    the padding that ``ValDataset`` added (zero pixels, ignored labels)."""
-    content = (truth != IGNORE_INDEX) | (image.amax(0) > 0)
-    rows, cols = content.any(1).nonzero(), content.any(0).nonzero()
-    height = int(rows.max()) + 1 if len(rows) else truth.shape[0]
-    width = int(cols.max()) + 1 if len(cols) else truth.shape[1]
-    image, truth, predicted = image[:, :height, :width], truth[:height, :width], predicted[:height, :width]
-    step = max(1, math.ceil(max(height, width) / PREVIEW_SIDE))
-    return Prediction(
-        sample_id,
-        image[:, ::step, ::step].permute(1, 2, 0).cpu().numpy(),
-        truth[::step, ::step].cpu().numpy().astype(np.uint8),
-        predicted[::step, ::step].cpu().numpy().astype(np.uint8),
-    )
-
-
 class _CheckpointFolder:
     """A temporary folder holding this epoch's checkpoint (rank 0), removed after reporting."""
 
@@ -488,38 +340,3 @@ class _CheckpointFolder:
     def __exit__(self, *exc_info) -> None:
         if self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
-
-
-class LocalReporter:
-    """For runs without Ray: prints one line per epoch, keeps the latest and best checkpoints
-    and draws the best epoch's figures in ``out/figures``."""
-
-    def __init__(self, out: Path, metric: str = "val/miou_fine", log=print, resume: bool = False) -> None:
-        self.out = out
-        self.metric = metric
-        self.log = log
-        self.history: list[dict[str, float]] = []
-        best_file = out / "best" / "metric.json"
-        if not resume:  # a fresh run must not be compared with (or keep) an earlier run's best
-            for folder in ("best", "latest", "figures"):
-                shutil.rmtree(out / folder, ignore_errors=True)
-        self.best = json.loads(best_file.read_text())[metric] if best_file.is_file() else -math.inf
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, evaluation: Evaluation | None) -> None:
-        self.history.append(metrics)
-        self.log(
-            f"epoch {int(metrics['epoch'])}: train/loss {metrics['train/loss']:.4f}  val/loss {metrics['val/loss']:.4f}"
-            f"  {self.metric} {metrics[self.metric]:.4f}  {metrics['perf/img_per_s']:.1f} img/s"
-            f"  {metrics['perf/peak_mem_mb']:.0f} MB"
-        )
-        if evaluation is not None:
-            evaluation_figures(evaluation, self.out / "figures")
-        if checkpoint_dir is None:
-            return
-        copy_atomic(checkpoint_dir / CHECKPOINT_FILE, self.out / "latest" / CHECKPOINT_FILE)
-        if metrics[self.metric] > self.best:
-            self.best = metrics[self.metric]
-            copy_atomic(checkpoint_dir / CHECKPOINT_FILE, self.out / "best" / CHECKPOINT_FILE)
-            (self.out / "best" / "metric.json").write_text(
-                json.dumps({self.metric: self.best, "epoch": metrics["epoch"]})
-            )

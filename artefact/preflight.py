@@ -1,0 +1,196 @@
+"""Every check before anything starts: the config (encoders, pretrained weights, GPU memory,
+GPU architecture, data path, fault plans, the SLURM allocation), the results folder's disk
+space, the sweep's name and the tracking store. Every check that can fail on user input runs
+here, before the Ray cluster starts, and reports every problem it finds, one line each.
+
+GPU memory is estimated on PyTorch's meta device (no weights, no compute): one forward pass
+counts the bytes autograd saves for the backward pass, so an impossible batch size fails in
+seconds instead of as an out-of-memory error an hour into the sweep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import torch
+
+from artefact.config import Config, ModelConfig, SweepRequest, read_yaml
+from artefact.config_tree import flatten, to_dict
+from artefact.errors import Problems, UserError
+from artefact.models import count_parameters, meta_model
+from artefact.tracking import check_store, sweep_exists
+from artefact.train.checkpoint import sweep_checkpoint_bytes
+from artefact.train.faults import fault_plans
+from artefact.train.hardware import check_cuda_usable, check_gpu_supported
+from artefact.tune.space import trial_count
+from artefact.tune.tuner import can_resume, max_concurrent_trials
+from artefact.weights import check_pretrained, resolve_all
+
+OPTIMISER_COPIES = 4
+"""fp32 weights, gradients and AdamW's two moments."""
+CUDA_OVERHEAD_GB = 0.75
+"""CUDA context, cuDNN workspaces and allocator slack, measured loosely."""
+
+
+def estimate_training_gb(model_cfg: ModelConfig, resolution: int, batch_size: int, amp: bool) -> float:
+    """Estimated peak training memory in GB for one worker."""
+    saved = 0
+
+    def count(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    model = meta_model(model_cfg, resolution)
+    # Two images, not one: in training mode UPerNet's pooled BatchNorm refuses a batch of one.
+    with torch.device("meta"), torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+        model(torch.zeros(2, 3, resolution, resolution))
+    activations = saved / 2 * (0.5 if amp else 1.0) * batch_size
+    return (count_parameters(model) * 4 * OPTIMISER_COPIES + activations) / 2**30 + CUDA_OVERHEAD_GB
+
+
+def check_fits(cfg: Config) -> None:
+    """Refuse a sweep whose largest batch cannot fit the profile's share of a GPU (one line
+    per encoder that does not fit)."""
+    res = cfg.resources
+    if res.gpu_memory_gb is None or res.gpus_per_worker == 0:
+        return
+    share = res.gpu_memory_gb * min(1.0, res.gpus_per_worker)
+    asked = max(cfg.sweep.batch_sizes) if cfg.sweep.mode == "search" else cfg.train.batch_size
+    problems = Problems()
+    for encoder in cfg.sweep.encoders:
+        with problems.check():  # every encoder that does not fit, not only the first
+            batch, _ = cfg.sweep.scaled_batch(encoder, asked, cfg.train.lr)
+            model = ModelConfig(cfg.model.arch, encoder, cfg.model.heads, False)
+            need = estimate_training_gb(model, cfg.data.resolution, batch, cfg.train.amp != "off")
+            if need > share:
+                raise UserError(
+                    f"batch size {batch} with {encoder} ({cfg.model.arch}, {cfg.data.resolution} px) needs about"
+                    f" {need:.1f} GB, but each trial gets {share:.1f} GB (resources.gpu_memory_gb ="
+                    f" {res.gpu_memory_gb} x gpus_per_worker = {res.gpus_per_worker}). Lower sweep.batch_sizes /"
+                    f" train.batch_size (or sweep.encoder_max_batch.{encoder}) or data.resolution, or give each"
+                    " trial more of a GPU."
+                )
+    problems.raise_any()
+
+
+def allocation_resources() -> dict[str, float] | None:
+    """The CPUs and GPUs of the SLURM allocation this process runs in, None outside one.
+
+    Counted as cluster/ray_node.sh gives them to Ray (every node like this one), so a sweep
+    that cannot fit fails before the job starts any server.
+    """
+    if "SLURM_JOB_ID" not in os.environ:
+        return None
+    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1"))
+    cpus = int(os.environ.get("SLURM_CPUS_ON_NODE") or os.cpu_count() or 1)
+    gpus = len([device for device in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if device])
+    return {"CPU": float(nodes * cpus), "GPU": float(nodes * gpus)}
+
+
+def check_config(cfg: Config, local_profile: str | None = None) -> None:
+    """The checks of a config alone (no results folder, store or cluster): encoders, their
+    pretrained weights, GPU memory, GPU architecture, data path and, inside a SLURM job, that
+    one trial fits the allocation. Every problem is reported, one line each, so that one
+    run shows them all. ``encoder_bench.py --check`` runs just these, naming
+    ``local_profile`` when the trials will run on this machine: its GPUs must work here."""
+    problems = Problems()
+    encoders = resolve_all(cfg.sweep.encoders, problems)
+    resolve_all(cfg.sweep.encoder_max_batch, problems)
+    with problems.check():
+        check_fits(cfg)
+    with problems.check():
+        check_pretrained(cfg.model.pretrained, encoders)
+    with problems.check():
+        fault_plans()
+    if local_profile is not None:
+        with problems.check():
+            check_cuda_usable(cfg.resources.gpus_per_worker, local_profile)
+    if torch.cuda.is_available():
+        with problems.check():
+            check_gpu_supported(torch.device("cuda"))
+    if cfg.data.path is not None and not Path(cfg.data.path).exists():
+        problems.add(f"--data {cfg.data.path}: no such file or folder.")
+    allocation = allocation_resources()
+    if allocation is not None:
+        with problems.check():
+            max_concurrent_trials(cfg, allocation)
+    problems.raise_any()
+
+
+def check_results_folder(results: Path, cfg: Config) -> None:
+    """An unwritable or full results folder fails here, before any training, rather than at
+    the first checkpoint of every trial."""
+    try:
+        results.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=results):
+            pass
+    except OSError as error:
+        raise UserError(
+            f"--results {results}: cannot write there ({error.strerror});"
+            " fix its permissions or pass another --results."
+        ) from None
+    parameters = max(
+        count_parameters(meta_model(dataclasses.replace(cfg.model, encoder=e), cfg.data.resolution))
+        for e in cfg.sweep.encoders
+    )
+    need = sweep_checkpoint_bytes(parameters, trial_count(cfg))
+    free = shutil.disk_usage(results).free
+    if free < need:
+        raise UserError(
+            f"--results {results}: {free / 2**20:.1f} MB free, but the sweep's checkpoints need about"
+            f" {need / 2**20:.1f} MB; free some space or pass --results on another disk."
+        )
+
+
+def validate(request: SweepRequest) -> Path:
+    """All user-input checks that need no cluster; returns the sweep folder."""
+    check_config(request.cfg)
+    check_results_folder(request.results, request.cfg)
+    sweep_dir = request.results / request.name
+    if request.resume:
+        if not can_resume(sweep_dir):
+            raise UserError(f"--resume: no earlier sweep named {request.name!r} in {request.results}; drop --resume.")
+        _check_same_config(request, sweep_dir / "config.yaml")
+    elif sweep_dir.exists():
+        raise UserError(f"sweep {request.name!r} already exists in {sweep_dir}; pass --resume or another --name.")
+    if request.address:
+        _check_reachable(request.address)
+    check_store(request.tracking_uri)
+    if not request.resume and sweep_exists(request.tracking_uri, request.name):
+        raise UserError(
+            f"the MLflow store {request.tracking_uri} already has a sweep named {request.name!r};"
+            " pass another --name (or --resume it if its results folder still exists)."
+        )
+    return sweep_dir
+
+
+def _check_same_config(request: SweepRequest, saved_file: Path) -> None:
+    """A resumed sweep must train on the same data, split and space as before: a changed split
+    would let resumed trials be scored on images they were trained on."""
+    saved = flatten(read_yaml(saved_file)) if saved_file.is_file() else {}
+    current = flatten(to_dict(request.cfg))
+    changed = sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
+    if changed:
+        details = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed[:6])
+        raise UserError(
+            f"--resume: sweep {request.name!r} ran with another config ({details}). Resume with the same"
+            " profile and flags, or start a new sweep with --name."
+        )
+
+
+def _check_reachable(address: str) -> None:
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"--address {address}: no Ray head answers there ({error}). Start one (`ray start --head`) or"
+            " drop --address to run a local cluster."
+        ) from None

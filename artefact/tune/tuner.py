@@ -1,0 +1,164 @@
+"""Ray Tune: the sweep's Tuner, its Optuna searcher and ASHA scheduler, and resume.
+
+Each trial is a Tune *function* (``trial.run_trial``). A one-worker trial trains in that
+function's own process, which Tune reuses from trial to trial (``worker``). A DDP trial
+(Train V2 style) builds and fits a TorchTrainer named after the trial id (the deprecated
+``Tuner(trainer)`` is not used); its driver reserves almost no CPU, and
+``max_concurrent_trials`` is derived from the cluster's resources, so trial drivers can
+never hold the CPUs their workers need.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from artefact.config import Config
+from artefact.errors import UserError
+from artefact.tracking_store import SweepRun
+from artefact.train.checkpoint import CHECKPOINTS_KEPT
+from artefact.tune.progress import ProgressLog
+from artefact.tune.space import SearchSpace, default_points, grid, trial_count
+from artefact.tune.trial import TrialContext, in_process, run_trial
+
+TRIAL_DRIVER_CPU = 0.01
+"""A DDP trial's driver only waits on its TorchTrainer; {'cpu': 0} is refused by Ray."""
+TUNE_FOLDER = "tune"
+TRAIN_FOLDER = "train"
+TRIAL_NAME = "_run_trial"
+"""Tune's name for the trials' function (``trial.run_trial``), which also names their
+folders. A sweep resumes only under the name it started with, and sweeps started before
+the function moved out of this module were named after it, so the name stays."""
+
+
+def max_concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
+    """How many trials fit at once, counting every worker's CPUs and GPUs."""
+    res = cfg.resources
+    cpus = res.workers_per_trial * res.cpus_per_worker + (0 if in_process(cfg) else TRIAL_DRIVER_CPU)
+    limit = math.floor(resources.get("CPU", 0) / cpus + 1e-9)
+    if res.gpus_per_worker > 0:
+        gpus = res.workers_per_trial * res.gpus_per_worker
+        limit = min(limit, math.floor(resources.get("GPU", 0) / gpus + 1e-9))
+    if limit < 1:
+        raise UserError(
+            f"one trial needs {res.workers_per_trial} worker(s) x {res.cpus_per_worker} CPU"
+            f" and {res.gpus_per_worker} GPU each, but the cluster has {resources.get('CPU', 0):g} CPUs and"
+            f" {resources.get('GPU', 0):g} GPUs; lower resources.* in the profile or use a bigger allocation."
+        )
+    return limit
+
+
+def _trainable(cfg: Config, context: TrialContext):
+    """The trial function with the sweep's config and context bound: Tune puts both in Ray's
+    object store once, and each trial gets them back as they are."""
+    trainable = tune.with_parameters(run_trial, base=cfg, context=context)
+    res = cfg.resources
+    if in_process(cfg):
+        return tune.with_resources(trainable, {"cpu": res.cpus_per_worker, "gpu": res.gpus_per_worker})
+    return tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU})
+
+
+class ResumableOptunaSearch(OptunaSearch):
+    """OptunaSearch that survives a re-run of a trial the study already holds as finished.
+
+    Killed between Optuna's record of a finished trial and Tune's next state save, a sweep
+    resumes that trial from its last Tune checkpoint and reports its last epoch again. The
+    study keeps its first record; Optuna would otherwise fail the whole sweep.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        try:
+            super().on_trial_result(trial_id, result)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+
+
+def _tune_config(cfg: Config, sweep_dir: Path, name: str, concurrency: int) -> tune.TuneConfig:
+    sweep = cfg.sweep
+    if sweep.mode == "fair":
+        return tune.TuneConfig(
+            num_samples=1, scheduler=FIFOScheduler(), max_concurrent_trials=concurrency, reuse_actors=True
+        )
+    scheduler = (
+        ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=cfg.train.epochs,
+            grace_period=min(sweep.grace_period, cfg.train.epochs),
+            reduction_factor=sweep.reduction_factor,
+        )
+        if sweep.stops_trials_early
+        else FIFOScheduler()
+    )
+    searcher = ResumableOptunaSearch(
+        space=SearchSpace.from_config(cfg),
+        metric=sweep.metric,
+        mode="max",
+        points_to_evaluate=default_points(cfg),
+        sampler=optuna.samplers.TPESampler(seed=sweep.seed),
+        storage=optuna.storages.RDBStorage(optuna_storage(sweep_dir)),
+        study_name=name,
+    )
+    return tune.TuneConfig(
+        metric=sweep.metric,
+        mode="max",
+        search_alg=searcher,
+        scheduler=scheduler,
+        num_samples=sweep.trials,
+        max_concurrent_trials=concurrency,
+        reuse_actors=True,
+    )
+
+
+def optuna_storage(sweep_dir: Path) -> str:
+    """The Optuna study's database: in the sweep folder, so --resume and the plots find it."""
+    return f"sqlite:///{(sweep_dir / 'optuna.db').resolve()}"
+
+
+def fail_orphaned_study_trials(sweep_dir: Path, name: str) -> None:
+    """Once every Tune trial has ended, an Optuna trial still RUNNING was asked for by a
+    sweep killed before it saved its state; mark it FAIL so the study tells no such tale."""
+    study = optuna.load_study(study_name=name, storage=optuna_storage(sweep_dir))
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+
+
+def run_trials(
+    cfg: Config, cache: Path, sweep_dir: Path, name: str, sweep: SweepRun | None, resume: bool, verbose: bool = False
+) -> tune.ResultGrid:
+    """Start (or resume) the sweep's Tuner on the connected Ray cluster and wait for it."""
+    concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
+    context = TrialContext(cache=cache, storage=sweep_dir / TRAIN_FOLDER, sweep=sweep)
+    tune.register_trainable(TRIAL_NAME, _trainable(cfg, context))
+    tune_path = sweep_dir / TUNE_FOLDER
+    if resume:
+        tuner = tune.Tuner.restore(str(tune_path), TRIAL_NAME, resume_unfinished=True, resume_errored=False)
+    else:
+        tuner = tune.Tuner(
+            TRIAL_NAME,
+            param_space=grid(cfg),
+            tune_config=_tune_config(cfg, sweep_dir, name, concurrency),
+            run_config=tune.RunConfig(
+                name=TUNE_FOLDER,
+                storage_path=str(sweep_dir.resolve()),
+                verbose=2 if verbose else 0,
+                callbacks=[] if verbose else [ProgressLog(trial_count(cfg), cfg.train.epochs, cfg.sweep.metric)],
+                # One-worker trials are retried by Tune from their last checkpoint; DDP trials by Train.
+                failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures if in_process(cfg) else 0),
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=CHECKPOINTS_KEPT,
+                    checkpoint_score_attribute=cfg.sweep.metric,
+                    checkpoint_score_order="max",
+                ),
+            ),
+        )
+    return tuner.fit()
+
+
+def can_resume(sweep_dir: Path) -> bool:
+    return tune.Tuner.can_restore(str((sweep_dir / TUNE_FOLDER).resolve()))

@@ -1,0 +1,125 @@
+"""What runs a trial's training loop under Ray and reports it: to Ray Train on each worker
+of a DDP trial, or to Ray Tune directly for a one-worker trial; on rank 0 also to the
+trial's MLflow child run (``TrialReporter``)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import ray.train
+import torch
+from ray import tune
+
+from artefact.config import Config
+from artefact.errors import TrialFailure, UserError
+from artefact.tracking import TrialRun
+from artefact.tracking_store import unless_store_is_away
+from artefact.train.checkpoint import CHECKPOINT_FILE, copy_atomic, load_checkpoint
+from artefact.train.loop import train
+from artefact.train.reporters import TrialReporter, trial_params
+from artefact.tune.trial import TrialContext
+
+
+def send_to_train(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+    checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+    ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def send_to_tune(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+    checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+    tune.report(metrics, checkpoint=checkpoint)
+
+
+def train_worker(cfg: Config, context: TrialContext, trial_id: str) -> None:
+    """The per-worker entry point of a DDP trial's TorchTrainer."""
+    run = None
+    if ray.train.get_context().get_world_rank() == 0 and context.sweep is not None:
+        run = TrialRun(context.sweep, trial_id, trial_params(cfg))
+    reporter = TrialReporter(run, cfg, send_to_train, context.cache)
+    _train_and_report(cfg, context.cache, reporter, ray.train.get_checkpoint())
+
+
+def train_in_trial(cfg: Config, context: TrialContext, trial_id: str) -> None:
+    """A one-worker trial, trained in the Tune trial's own process.
+
+    Tune reuses that process for the next trial, so the torch stack is imported once per
+    process instead of once per trial, and no Train controller or worker actors start
+    (see docs/performance.md). Tune restarts a failed trial from its last checkpoint, as
+    Train would.
+    """
+    run = TrialRun(context.sweep, trial_id, trial_params(cfg)) if context.sweep is not None else None
+    try:
+        reporter = TrialReporter(run, cfg, send_to_tune, context.cache)
+        _train_and_report(cfg, context.cache, reporter, tune.get_checkpoint())
+    finally:
+        if torch.cuda.is_available():  # the next trial in this process gets the memory back
+            torch.cuda.empty_cache()
+
+
+def _train_and_report(
+    cfg: Config, cache: Path, reporter: TrialReporter, checkpoint: ray.train.Checkpoint | None
+) -> None:
+    """Train from the last good checkpoint; a failure that a restart would repeat (NaN loss,
+    out of memory) is recorded, and a restarted attempt of that trial fails at once."""
+    run = reporter.run
+    if run is not None and run.earlier_failure:
+        _raise_recorded(run.earlier_failure)
+    try:
+        with _restored(checkpoint, run) as resume_from:
+            train(cfg, cache, reporter, resume_from=resume_from)
+    except TrialFailure as failure:
+        if run is not None:
+            run.record_failure(f"{type(failure).__name__}: {failure}")
+        raise
+    finally:  # also when Tune ends the trial inside a report (ASHA, or its last epoch)
+        reporter.close()
+
+
+def _raise_recorded(reason: str) -> None:
+    name, _, message = reason.partition(": ")
+    kinds = {kind.__name__: kind for kind in TrialFailure.__subclasses__()}
+    raise kinds.get(name, TrialFailure)(message)
+
+
+@contextmanager
+def _restored(checkpoint: ray.train.Checkpoint | None, run: TrialRun | None) -> Iterator[Path | None]:
+    """A local copy of the newest readable checkpoint file of a Ray checkpoint's trial, or
+    None for a fresh start. A corrupt one is named (on stderr and in the MLflow run) and
+    the previous one is used instead."""
+    if checkpoint is None:
+        yield None
+        return
+    folder = Path(tempfile.mkdtemp(prefix="artefact-resume-"))
+    try:
+        with checkpoint.as_directory() as latest:
+            problems = []
+            for candidate in _newest_first(Path(latest), Path(checkpoint.path)):
+                try:
+                    load_checkpoint(candidate)
+                except UserError as error:
+                    problems.append(str(error))
+                    continue
+                copy_atomic(candidate, folder / CHECKPOINT_FILE)
+                break
+            else:
+                raise UserError(f"no readable checkpoint to resume this trial from: {' '.join(problems)}")
+        if problems:
+            note = f"{' '.join(problems)} Resumed from the previous checkpoint, {candidate}."
+            print(note, file=sys.stderr)
+            if run is not None:
+                unless_store_is_away(lambda: run.note_resume(note))
+        yield folder / CHECKPOINT_FILE
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _newest_first(latest: Path, stored: Path) -> list[Path]:
+    """The latest checkpoint's file, then those of the older checkpoints kept beside it
+    (Tune and Train name them ``checkpoint_<counter or time>``, which sorts by age)."""
+    older = sorted((p for p in stored.parent.glob("checkpoint_*") if p.name < stored.name), reverse=True)
+    return [latest / CHECKPOINT_FILE, *(p / CHECKPOINT_FILE for p in older)]
