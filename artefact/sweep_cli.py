@@ -53,8 +53,8 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
     )
     parser.add_argument(
         "--encoders",
-        help="comma-separated encoders (timm names, tu-<name> or aliases\n"
-        "convnext_tiny, swin_tiny, coatnet_0, maxvit_tiny)",
+        help="comma-separated encoders: timm names (tu-<name> or bare), SMP's own (mit_b3, ...)\n"
+        "or aliases convnext_tiny, swin_tiny, coatnet_0, maxvit_tiny, segformer_b0..b5",
     )
     parser.add_argument("--trials", type=int, help="search: number of trials")
     parser.add_argument("--seeds", type=int, help="fair: seeds per encoder")
