@@ -55,7 +55,8 @@ def _port(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from artefact.config import project_folder
+    from artefact.config import DataConfig, project_folder
+    from artefact.data.sources.synthetic import DEFAULT_COUNT
 
     store = f"$MLFLOW_TRACKING_URI, else sqlite:///{project_folder() / 'mlflow' / 'mlflow.db'}"
     parser = argparse.ArgumentParser(prog="python -m artefact", description=__doc__)
@@ -68,16 +69,23 @@ def _parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare", help="build a training cache from parquet shards or a folder")
     prepare.add_argument("--source", type=Path, required=True, help="parquet shards folder or folder layout")
     prepare.add_argument("--out", type=Path, required=True, help="cache folder to create (or reuse)")
-    prepare.add_argument("--max-side", type=int, default=512, help="longest image side in the cache (px)")
-    prepare.add_argument("--val-fraction", type=float, default=0.2)
+    prepare.add_argument(
+        "--max-side", type=int, default=DataConfig.max_side, help="longest image side in the cache (px)"
+    )
+    prepare.add_argument("--val-fraction", type=float, default=DataConfig.val_fraction)
     prepare.add_argument("--holdout", help="leave one group out: material=<value> or content=<value>")
-    prepare.add_argument("--augment-copies", type=int, default=0, help="offline flip/rot90 copies on the train side")
-    prepare.add_argument("--split-seed", type=int, default=0)
-    prepare.add_argument("--max-pixels", type=int, default=250_000_000, help="decompression-bomb bound")
+    prepare.add_argument(
+        "--augment-copies",
+        type=int,
+        default=DataConfig.augment_copies,
+        help="offline flip/rot90 copies on the train side",
+    )
+    prepare.add_argument("--split-seed", type=int, default=DataConfig.split_seed)
+    prepare.add_argument("--max-pixels", type=int, default=DataConfig.max_pixels, help="decompression-bomb bound")
 
     synth = commands.add_parser("synth", help="write a synthetic ARTeFACT-shaped data set")
     synth.add_argument("--out", type=Path, required=True)
-    synth.add_argument("--count", type=int, default=48)
+    synth.add_argument("--count", type=int, default=DEFAULT_COUNT)
     synth.add_argument("--layout", choices=("folder", "parquet"), default="folder")
     synth.add_argument("--seed", type=int, default=0)
 
@@ -126,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--images", type=Path, required=True, help="a folder of images (its subfolders are skipped)")
     predict.add_argument("--out", type=Path, required=True, help="where masks/ and overlays/ are written")
     predict.add_argument("--tracking-uri", help=f"MLflow store; default: {store}")
-    predict.add_argument("--max-pixels", type=int, default=250_000_000, help="decompression-bomb bound")
+    predict.add_argument("--max-pixels", type=int, default=DataConfig.max_pixels, help="decompression-bomb bound")
     return parser
 
 
@@ -175,7 +183,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _weights(args: argparse.Namespace) -> None:
     from huggingface_hub import constants
 
-    from artefact.config import load_config, profile_file
+    from artefact.config_files import load_config, profile_file
     from artefact.errors import Problems
     from artefact.weights import check_cached, fetch_missing, resolve_all
 
@@ -198,7 +206,7 @@ def _weights(args: argparse.Namespace) -> None:
 
 def _allocation_flags(profile: str) -> list[str]:
     """What one node of the profile needs from SLURM: one task with its CPUs, GPUs and memory."""
-    from artefact.config import load_config, profile_file
+    from artefact.config_files import load_config, profile_file
 
     resources = load_config(profile_file(profile)[1]).resources
     flags = ["--ntasks-per-node=1", f"--cpus-per-task={resources.node_cpus}", f"--mem={resources.node_memory_gb}G"]
@@ -220,7 +228,7 @@ def _serve_ui(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or default_tracking_uri()
     destination = args.artifacts_destination
     if destination is None:
-        from artefact.tracking_store import sqlite_artifact_root
+        from artefact.tracking.vocabulary import sqlite_artifact_root
 
         root = sqlite_artifact_root(uri)
         destination = str(root) if root is not None else None
@@ -259,7 +267,7 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from artefact.config import dump_yaml, load_config
+    from artefact.config_files import dump_yaml, load_config
 
     # Check the config and the model before the heavy imports, the data preparation and
     # any output, so a typo fails in a second and leaves nothing behind.

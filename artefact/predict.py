@@ -25,14 +25,17 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from artefact.config import Config, dump_yaml, from_dict
+from artefact.config import Config, from_dict
+from artefact.config_files import dump_yaml
 from artefact.data.prepare import bounded_size, shrink_image
 from artefact.data.sources.sample import DEFAULT_MAX_PIXELS, open_image
 from artefact.errors import UserError
 from artefact.models import build_model
 from artefact.taxonomy import class_table, palette
-from artefact.tracking import check_store_exists, load_logged_model, log_best_model, trial_text
-from artefact.tracking_store import SweepRun, registered_model_name, unless_store_is_away
+from artefact.tracking.models import load_logged_model, log_best_model
+from artefact.tracking.store import check_store_exists
+from artefact.tracking.trials import trial_text
+from artefact.tracking.vocabulary import SweepRun, registered_model_name, unless_store_is_away
 from artefact.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, write_atomic
 from artefact.train.evaluation import Normaliser, segment
 from artefact.train.hardware import amp_dtype, configure_kernels, select_device

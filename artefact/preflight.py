@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from artefact.config import Config, ModelConfig, SweepRequest, read_yaml
+from artefact.config import Config, ModelConfig, SweepRequest
+from artefact.config_files import read_yaml
 from artefact.config_tree import flatten, to_dict
 from artefact.errors import Problems, UserError
 from artefact.models import count_parameters, meta_model
-from artefact.tracking import check_store, sweep_exists
+from artefact.tracking.store import check_store, sweep_exists
 from artefact.train.checkpoint import sweep_checkpoint_bytes
 from artefact.train.faults import fault_plans
 from artefact.train.hardware import check_cuda_usable, check_gpu_supported

@@ -11,12 +11,12 @@ import dataclasses
 import json
 import shlex
 import shutil
-import subprocess
 import threading
 from pathlib import Path
 
 from artefact.cli import UI_HOST, UI_PORT
-from artefact.config import SweepRequest, dump_yaml
+from artefact.config import SweepRequest
+from artefact.config_files import dump_yaml
 from artefact.data.cache import cache_params, is_cache
 from artefact.data.prepare import ensure_cache
 from artefact.errors import SweepInterrupted
@@ -24,32 +24,15 @@ from artefact.predict import log_best
 from artefact.preflight import validate
 from artefact.report.figures import optuna_figures
 from artefact.report.leaderboard import failed_trials, leaderboard, render_text, write_leaderboard, write_plots
-from artefact.tracking import (
-    close_open_trials,
-    close_replaced_trials,
-    close_trial,
-    delete_sweep,
-    finish_sweep,
-    log_sweep_artifacts,
-    open_sweep,
-    trial_histories,
-)
-from artefact.tracking_store import SweepRun, run_page
+from artefact.tracking.store import delete_sweep, finish_sweep, log_sweep_artifacts, open_sweep
+from artefact.tracking.trials import close_open_trials, close_replaced_trials, close_trial, trial_histories
+from artefact.tracking.vocabulary import SweepRun, run_page
 from artefact.tune import cluster
 from artefact.tune.results import summarise
 from artefact.tune.space import space_description, trial_count
 from artefact.tune.tuner import can_resume, fail_orphaned_study_trials, optuna_storage, run_trials
 
 PLOTS_FOLDER = "plots"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _with_cache_split(request: SweepRequest) -> SweepRequest:
@@ -72,7 +55,7 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
     tracking = open_sweep(
         request.tracking_uri,
         request.name,
-        {"profile": request.profile, "git_commit": git_commit(), "mode": cfg.sweep.mode},
+        {"profile": request.profile, "mode": cfg.sweep.mode},
     )
     status = "FAILED"
     stopping_ray: threading.Thread | None = None

@@ -15,17 +15,8 @@ import re
 from pathlib import Path
 
 from artefact.cli import run_cli
-from artefact.config import (
-    PROFILES,
-    Config,
-    SweepFlags,
-    SweepRequest,
-    absolute_sqlite,
-    default_tracking_uri,
-    load_config,
-    profile_file,
-    project_folder,
-)
+from artefact.config import Config, SweepRequest, absolute_sqlite, default_tracking_uri, project_folder
+from artefact.config_files import PROFILES, SweepFlags, load_config, profile_file
 from artefact.errors import UserError
 from artefact.heap import collector_paused
 
@@ -140,7 +131,7 @@ def build_request(args: argparse.Namespace) -> SweepRequest:
 
 def _free_name(results: Path, tracking_uri: str, stem: str) -> str:
     """The first <stem>-<n> used neither by a results folder nor by a sweep in the MLflow store."""
-    from artefact.tracking import check_store, sweep_exists
+    from artefact.tracking.store import check_store, sweep_exists
 
     check_store(tracking_uri)
     number = 1

@@ -127,7 +127,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _profile(name: str | None, overrides: list[str]):
     import torch
 
-    from artefact.config import load_config, profile_file
+    from artefact.config_files import load_config, profile_file
 
     profile, path = profile_file(name or ("laptop" if torch.cuda.is_available() else "cpu-smoke"))
     cfg = load_config(path, overrides)

@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from artefact.config import Config, read_yaml
+from artefact.config import Config
+from artefact.config_files import read_yaml
 from artefact.tune.tuner import max_concurrent_trials
 
 REPO = Path(__file__).resolve().parents[1]

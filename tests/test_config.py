@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from artefact.config import Config, dump_yaml, from_dict, load_config, parse_overrides
+from artefact.config import Config, from_dict
+from artefact.config_files import dump_yaml, load_config, parse_overrides
 from artefact.errors import UserError
 
 

@@ -4,6 +4,7 @@ user's back."""
 
 from __future__ import annotations
 
+import ast
 import importlib.resources
 import os
 import shutil
@@ -17,8 +18,9 @@ from mlflow.tracking import MlflowClient
 from sweep_helpers import REPO
 
 from artefact import cli, sweep_cli
-from artefact.config import PROFILES, default_tracking_uri, profile_file
-from artefact.tracking import SOURCE_GIT_COMMIT_TAG, SOURCE_NAME_TAG, SOURCE_TYPE_TAG, open_sweep
+from artefact.config import default_tracking_uri
+from artefact.config_files import PROFILES, profile_file
+from artefact.tracking.store import SOURCE_GIT_COMMIT_TAG, SOURCE_NAME_TAG, SOURCE_TYPE_TAG, open_sweep
 
 
 def test_the_profiles_are_package_data_and_sweeps_links_to_each() -> None:
@@ -58,7 +60,11 @@ def test_an_installed_wheel_runs_the_main_job_from_another_folder(tmp_path: Path
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
-    where = run("-c", "import artefact.config as c; print(c.__file__); print(c.PROFILES); print(c.project_folder())")
+    where = run(
+        "-c",
+        "import artefact.config as c, artefact.config_files as f; print(c.__file__); print(f.PROFILES);"
+        " print(c.project_folder())",
+    )
     assert where.split() == [
         str(site / "artefact" / "config.py"),
         str(site / "artefact" / "profiles"),
@@ -171,3 +177,29 @@ def test_missing_system_programs_skip_their_tests_with_how_to_install_them(tmp_p
 
     out = _pytest_without_system_programs(tmp_path, True, *SYSTEM_TESTS)  # as CI runs: fails at setup
     assert "2 errors" in out and "missing: shellcheck; ARTEFACT_REQUIRE_SYSTEM_TESTS=1" in out, out
+
+
+def _imported_packages(module: Path) -> set[str]:
+    """The top-level packages a module imports anywhere in it, lazy imports included."""
+    tree = ast.parse(module.read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_ray_and_mlflow_each_have_one_package_and_no_module_grows_past_400_lines() -> None:
+    package = REPO / "artefact"
+    modules = sorted(package.rglob("*.py"))
+    importers = {
+        name: {str(m.relative_to(package)) for m in modules if name in _imported_packages(m)}
+        for name in ("ray", "mlflow")
+    }
+    assert importers["ray"] and all(path.startswith("tune/") for path in importers["ray"]), importers["ray"]
+    assert importers["mlflow"] and all(path.startswith("tracking/") for path in importers["mlflow"]), importers
+    assert "tracking/vocabulary.py" not in importers["mlflow"]  # trial processes read it without mlflow
+    long = {str(m.relative_to(package)): n for m in modules if (n := len(m.read_text().splitlines())) > 400}
+    assert long == {}

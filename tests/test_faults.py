@@ -29,7 +29,7 @@ from sweep_helpers import (
     sweep_runs,
 )
 
-from artefact.tracking_store import REASON_TAG, RESUME_NOTE_TAG
+from artefact.tracking.vocabulary import REASON_TAG, RESUME_NOTE_TAG
 from artefact.train.faults import FAULT_ENV
 from artefact.tune.ray_env import sweep_token_file
 

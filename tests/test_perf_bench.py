@@ -19,7 +19,7 @@ import pytest
 from builders import small_config
 from sweep_helpers import import_script, ray_cluster_processes
 
-from artefact.config import parse_overrides
+from artefact.config_files import parse_overrides
 from bench import throughput
 from bench.sweeps import early_stopping_args
 

@@ -20,13 +20,15 @@ from PIL import Image
 from sweep_helpers import REPO, sweep_runs
 
 from artefact import cli
-from artefact.config import dump_yaml
+from artefact.config_files import dump_yaml
 from artefact.models import build_model
 from artefact.predict import CLASSES_FILE, CONFIG_FILE, log_best, overlay
 from artefact.report.trials import TrialSummary
 from artefact.taxonomy import class_table, palette
-from artefact.tracking import check_store, close_trial, find_trial_run, finish_sweep, load_logged_model, open_sweep
-from artefact.tracking_store import BEST_RUN_TAG, SweepRun
+from artefact.tracking.models import load_logged_model
+from artefact.tracking.store import check_store, finish_sweep, open_sweep
+from artefact.tracking.trials import close_trial, find_trial_run
+from artefact.tracking.vocabulary import BEST_RUN_TAG, SweepRun
 from artefact.train.checkpoint import CHECKPOINT_FILE, save_checkpoint
 from artefact.train.evaluation import Normaliser, predict_tiled
 

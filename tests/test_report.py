@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from artefact.config import load_config
+from artefact.config_files import load_config
 from artefact.errors import UserError
 from artefact.preflight import check_fits
 from artefact.report.leaderboard import leaderboard, render_text, write_leaderboard

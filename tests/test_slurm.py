@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sweep_helpers import REPO
 
-from artefact.config import PROFILES
+from artefact.config_files import PROFILES
 
 pytestmark = pytest.mark.slow
 

@@ -36,7 +36,7 @@ def test_help_documents_every_flag(capsys) -> None:
 
 
 def test_a_new_sweep_never_joins_an_existing_one_in_the_store(tmp_path: Path, capsys, monkeypatch) -> None:
-    from artefact.tracking import open_sweep
+    from artefact.tracking.store import open_sweep
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     open_sweep(store, "taken", {"profile": "cpu-smoke"})
@@ -67,7 +67,7 @@ def test_a_sweep_that_fails_before_any_trial_leaves_nothing_behind(tmp_path: Pat
     from artefact import sweep
     from artefact.config import Config, SweepRequest
     from artefact.errors import UserError
-    from artefact.tracking import sweep_exists
+    from artefact.tracking.store import sweep_exists
     from artefact.tune import cluster
 
     def refuse(address, verbose):

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from artefact.tracking import TrialRun, check_store, close_replaced_trials, close_trial, open_sweep, trial_histories
-from artefact.tracking_store import OUTCOME_TAG, REASON_TAG
+from artefact.tracking.store import check_store, open_sweep
+from artefact.tracking.trials import TrialRun, close_replaced_trials, close_trial, trial_histories
+from artefact.tracking.vocabulary import OUTCOME_TAG, REASON_TAG
 
 
 def test_a_trial_the_resumed_sweep_does_not_hold_is_marked_replaced_and_keeps_its_epochs(tmp_path: Path) -> None:

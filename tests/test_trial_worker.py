@@ -18,7 +18,8 @@ from artefact.data.cache import PrepareParams, class_pixels
 from artefact.data.prepare import prepare
 from artefact.report.figures import Evaluation
 from artefact.taxonomy import HEAD_CLASS_NAMES
-from artefact.tracking import TrialRun, open_sweep
+from artefact.tracking.store import open_sweep
+from artefact.tracking.trials import TrialRun
 from artefact.train.reporters import CLASS_WEIGHTS_FILE, EVALUATION_FOLDER, TrialReporter, trial_params
 
 

@@ -37,7 +37,6 @@ from artefact.data.split import GroupInfo, assign_splits
 from artefact.errors import UserError
 
 AUGMENTATIONS = ("hflip", "vflip", "rot90")
-SYNTHETIC_COUNT = 48
 
 
 def read_source(path: Path, max_pixels: int) -> Iterator[Sample]:
@@ -213,7 +212,7 @@ def ensure_cache(cfg: DataConfig, workspace: Path, log=print) -> Path:
         source = workspace / "synthetic"
         if not is_folder_source(source):
             log(f"generating the built-in synthetic data set in {source}")
-            generate(source, count=SYNTHETIC_COUNT, seed=0)
+            generate(source, seed=0)
     else:
         source = Path(cfg.path).expanduser().resolve()
         if is_cache(source):

@@ -19,11 +19,12 @@ from typing import Protocol
 
 import yaml
 
-from artefact.config import Config, dump_yaml
+from artefact.config import Config
+from artefact.config_files import dump_yaml
 from artefact.models import TRAINING_FLOP_FACTOR, resolve_encoder
 from artefact.report.figures import Evaluation, evaluation_figures
-from artefact.tracking import TrialRun
-from artefact.tracking_store import STORE_PATIENCE_S, unless_store_is_away
+from artefact.tracking.trials import TrialRun
+from artefact.tracking.vocabulary import STORE_PATIENCE_S, unless_store_is_away
 from artefact.train.checkpoint import CHECKPOINT_FILE, copy_atomic
 from artefact.train.loop import class_weight_table
 from artefact.weights import weights_source

@@ -9,7 +9,7 @@ import threading
 import ray
 
 from artefact.errors import UserError
-from artefact.tracking_store import TRIAL_CLIENT_ENV
+from artefact.tracking.vocabulary import TRIAL_CLIENT_ENV
 from artefact.tune.ray_env import TRIAL_ENV
 
 

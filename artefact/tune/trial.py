@@ -14,8 +14,8 @@ from ray import tune
 
 from artefact.config import Config
 from artefact.heap import collector_paused
-from artefact.tracking import set_best_checkpoint
-from artefact.tracking_store import SweepRun
+from artefact.tracking.trials import set_best_checkpoint
+from artefact.tracking.vocabulary import SweepRun
 from artefact.tune.space import apply_trial_params
 
 

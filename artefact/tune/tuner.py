@@ -21,7 +21,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from artefact.config import Config
 from artefact.errors import UserError
-from artefact.tracking_store import SweepRun
+from artefact.tracking.vocabulary import SweepRun
 from artefact.train.checkpoint import CHECKPOINTS_KEPT
 from artefact.tune.progress import ProgressLog
 from artefact.tune.space import SearchSpace, default_points, grid, trial_count

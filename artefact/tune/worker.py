@@ -17,8 +17,8 @@ from ray import tune
 
 from artefact.config import Config
 from artefact.errors import TrialFailure, UserError
-from artefact.tracking import TrialRun
-from artefact.tracking_store import unless_store_is_away
+from artefact.tracking.trials import TrialRun
+from artefact.tracking.vocabulary import unless_store_is_away
 from artefact.train.checkpoint import CHECKPOINT_FILE, copy_atomic, load_checkpoint
 from artefact.train.loop import train
 from artefact.train.reporters import TrialReporter, trial_params

@@ -16,10 +16,11 @@ from typing import BinaryIO
 
 from PIL import Image
 
+from artefact.config import DataConfig
 from artefact.errors import UserError
 from artefact.taxonomy import VALID_MASK_VALUES
 
-DEFAULT_MAX_PIXELS = 250_000_000
+DEFAULT_MAX_PIXELS = DataConfig.max_pixels
 """The largest ARTeFACT image is ~133 MP and its card allows ~244 MP; refuse beyond this."""
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")

@@ -60,11 +60,14 @@ _BASE_COLOURS: dict[str, tuple[int, int, int]] = {
     "Ceramic": (214, 212, 200),
 }
 
+DEFAULT_COUNT = 48
+"""Images in the built-in synthetic set: enough for a split with every class on both sides."""
+
 
 def generate(
     out: Path,
     *,
-    count: int = 48,
+    count: int = DEFAULT_COUNT,
     size: tuple[int, int] = (128, 160),
     layout: str = "folder",
     seed: int = 0,
