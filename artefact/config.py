@@ -8,6 +8,7 @@ fails before any cluster starts.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ AMP_MODES = ("auto", "fp16", "bf16", "off")
 DEVICES = ("auto", "cpu", "cuda")
 SWEEP_MODES = ("search", "fair")
 SCHEDULERS = ("asha", "none")
+TRAINERS = ("ray_train", "in_process")
 HOLDOUT_FIELDS = ("material", "content")
 LOSS_KINDS = ("dice", "dice_ce", "dice_focal")
 CLASS_WEIGHTINGS = ("none", "inverse_freq", "inverse_sqrt", "inverse_sqrt_log")
@@ -252,9 +254,29 @@ class ResourcesConfig:
     node_gpus: int = 0
     node_memory_gb: int = 8
     """The node a profile is written for: cluster/submit.sh asks SLURM for this much per node."""
+    trainer: str = "ray_train"
+    """``ray_train``: each trial fits a Ray Train TorchTrainer (Train's dashboard view, worker
+    restarts, DDP). ``in_process``: a one-worker trial trains in its Tune process, which saves
+    Train's start-up per trial (seconds): worth it only where trials are that short."""
+    gpu_arch: str | None = None
+    """The GPUs' architecture (``sm_70`` for a V100S): checked against the torch build's
+    list before a job is queued, where no GPU need be visible."""
 
     def __post_init__(self) -> None:
         _check(self.workers_per_trial >= 1, "resources.workers_per_trial", self.workers_per_trial, ">= 1")
+        _check(self.trainer in TRAINERS, "resources.trainer", self.trainer, " or ".join(TRAINERS))
+        _check(
+            self.trainer == "ray_train" or self.workers_per_trial == 1,
+            "resources.trainer",
+            self.trainer,
+            f"ray_train with resources.workers_per_trial = {self.workers_per_trial} (DDP runs under Ray Train)",
+        )
+        _check(
+            self.gpu_arch is None or re.fullmatch(r"sm_\d{2,3}", self.gpu_arch) is not None,
+            "resources.gpu_arch",
+            self.gpu_arch,
+            "a CUDA architecture such as sm_70 (V100), sm_86 (RTX 30xx) or sm_90 (H100)",
+        )
         _check(self.node_cpus >= 1, "resources.node_cpus", self.node_cpus, ">= 1")
         _check(self.node_gpus >= 0, "resources.node_gpus", self.node_gpus, ">= 0")
         _check(self.node_memory_gb >= 1, "resources.node_memory_gb", self.node_memory_gb, ">= 1")

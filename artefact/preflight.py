@@ -27,7 +27,7 @@ from artefact.models import count_parameters, meta_model
 from artefact.tracking.store import check_store, sweep_exists
 from artefact.train.checkpoint import sweep_checkpoint_bytes
 from artefact.train.faults import fault_plans
-from artefact.train.hardware import check_cuda_usable, check_gpu_supported
+from artefact.train.hardware import check_arch_built, check_cuda_usable, check_gpu_supported
 from artefact.tune.space import trial_count
 from artefact.tune.tuner import can_resume, max_concurrent_trials
 from artefact.weights import check_pretrained, resolve_all
@@ -115,6 +115,8 @@ def check_config(cfg: Config, local_profile: str | None = None) -> None:
     if torch.cuda.is_available():
         with problems.check():
             check_gpu_supported(torch.device("cuda"))
+    with problems.check():
+        check_arch_built(cfg.resources.gpu_arch)
     if cfg.data.path is not None and not Path(cfg.data.path).exists():
         problems.add(f"--data {cfg.data.path}: no such file or folder.")
     allocation = allocation_resources()

@@ -28,6 +28,7 @@ from artefact.tracking.store import delete_sweep, finish_sweep, log_sweep_artifa
 from artefact.tracking.trials import close_open_trials, close_replaced_trials, close_trial, trial_histories
 from artefact.tracking.vocabulary import SweepRun, run_page
 from artefact.tune import cluster
+from artefact.tune.ray_env import sweep_token_file
 from artefact.tune.results import summarise
 from artefact.tune.space import space_description, trial_count
 from artefact.tune.tuner import can_resume, fail_orphaned_study_trials, optuna_storage, run_trials
@@ -64,7 +65,8 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         log_sweep_artifacts(tracking, [sweep_dir / "config.yaml", sweep_dir / "space.json", sweep_dir / "profile.yaml"])
         dashboard = cluster.connect(request.address, request.verbose)
         if dashboard:
-            log(f"Ray dashboard: {dashboard}")
+            token = sweep_token_file(request.results, request.name)
+            log(f"Ray dashboard: {dashboard} (when it asks for a token, paste the contents of {token})")
         log(f"sweep {request.name}: {cfg.sweep.mode} mode, profile {request.profile}, results in {sweep_dir}")
         resources = cluster.resources()
         log(f"Ray cluster: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")

@@ -21,7 +21,9 @@ from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "sweeps" / "encoder_bench.py"
-TRIAL_ACTOR = "ImplicitFunc"
+TRIAL_ACTORS = ("ImplicitFunc", "TrialDriver")
+"""Tune's actor class for a function trial: reused (``in_process``), or one per trial and
+named after it (``ray_train``)."""
 """The class of a Tune function trial's actor, where a one-worker trial trains."""
 
 
@@ -127,6 +129,8 @@ class WatchedSweep:
     unauthenticated_status: int | None = None
     nodes: list[dict] = field(default_factory=list)
     actors: list[dict] = field(default_factory=list)
+    train_runs: list[dict] = field(default_factory=list)
+    """The Train view's runs (Train V2's ``/api/train/v2/runs/v1``), as last seen with workers."""
 
 
 def _dashboard_get(url: str, token: str | None) -> tuple[int, dict]:
@@ -136,13 +140,15 @@ def _dashboard_get(url: str, token: str | None) -> tuple[int, dict]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, {}
+    except OSError:  # the sweep stops its cluster (and dashboard) as it ends
+        return 0, {}
 
 
 def run_bench_watching_dashboard(
-    results: Path, workspace: Path, store: Path, name: str, *args: str, timeout: int = 600
+    results: Path, workspace: Path, store: Path, name: str, *args: str, timeout: int = 600, watch_train: bool = False
 ) -> WatchedSweep:
-    """Run the main job; while its trials run, ask its dashboard for nodes and actors, with
-    the sweep's token and without one."""
+    """Run the main job; while its trials run, ask its dashboard for nodes and actors (and
+    with ``watch_train``, Train's runs), with the sweep's token and without one."""
     process = subprocess.Popen(
         bench_command(results, workspace, store, "--name", name, *args),
         cwd=REPO,
@@ -169,15 +175,19 @@ def run_bench_watching_dashboard(
                 found = re.search(r"Ray dashboard: (http://\S+)", "".join(out))
                 watched.dashboard_url = found.group(1) if found else None
                 continue
+            token = token_file.read_text().strip()
+            if watch_train:
+                status, runs = _dashboard_get(f"{watched.dashboard_url}/api/train/v2/runs/v1", token)
+                if status == 200 and any(attempt["workers"] for r in runs["train_runs"] for attempt in r["attempts"]):
+                    watched.train_runs = runs["train_runs"]
             if watched.actors:
                 continue
-            token = token_file.read_text().strip()
             watched.unauthenticated_status, _ = _dashboard_get(f"{watched.dashboard_url}/api/v0/nodes", None)
             _, nodes = _dashboard_get(f"{watched.dashboard_url}/api/v0/nodes", token)
-            _, actors = _dashboard_get(f"{watched.dashboard_url}/api/v0/actors?limit=1000", token)
+            _, actors = _dashboard_get(f"{watched.dashboard_url}/api/v0/actors?limit=1000&detail=true", token)
             watched.nodes = nodes.get("data", {}).get("result", {}).get("result", [])
             alive = [a for a in actors.get("data", {}).get("result", {}).get("result", []) if a.get("state") == "ALIVE"]
-            if any(TRIAL_ACTOR in a.get("class_name", "") for a in alive):
+            if any(a.get("class_name", "") in TRIAL_ACTORS for a in alive):
                 watched.actors = alive
         if process.poll() is None:
             kill_process_tree(process)

@@ -17,6 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from builders import free_port
 from mlflow.tracking import MlflowClient
@@ -75,13 +76,40 @@ def _reported(trial_dir: Path) -> list[dict]:
     return [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
 
 
+def _trial_checkpoints(sweep_dir: Path, trainer: str, encoder: str, seed: int) -> tuple[list[Path], str | None]:
+    """(a trial's checkpoint folders, oldest first; its Tune trial id): Tune keeps them in the
+    trial's folder, Ray Train in its run's folder, ``train/train-<trial id>``."""
+    trial_dir = _trial_dir(sweep_dir, encoder, seed)
+    if trial_dir is None:
+        return [], None
+    trial_id = trial_dir.name.split("_")[3]
+    folder = trial_dir if trainer == "in_process" else sweep_dir / "train" / f"train-{trial_id}"
+    return sorted(folder.glob("checkpoint_*")), trial_id
+
+
+def _training_process(trainer: str, token_file: Path, trial_id: str, reports: list[dict]) -> int | None:
+    """The process that trains a trial: Tune's trial process itself, or the trial's Ray
+    Train worker, which works in its run's folder (``train-<trial id>``)."""
+    if trainer == "in_process":
+        return reports[-1]["pid"]
+    for pid in _train_workers(token_file):
+        try:
+            if f"train-{trial_id}" in psutil.Process(pid).cwd():
+                return pid
+        except psutil.Error:
+            continue
+    return None
+
+
+@pytest.mark.parametrize("trainer", ["in_process", "ray_train"])
 def test_killed_trial_corrupt_checkpoint_nan_and_oom_in_one_sweep(
-    tmp_path: Path, synthetic_workspace: Path, fault_survived
+    tmp_path: Path, synthetic_workspace: Path, fault_survived, trainer: str
 ) -> None:
-    """A fair sweep of two encoders x two seeds: one trial's process is SIGKILLed mid-epoch
-    after its latest checkpoint was corrupted; one's loss turns NaN; one runs out of memory
-    the way CUDA says it; the fourth is untouched. The sweep ends with all four accounted
-    for, and the leaderboard ranks the encoder that completed by its mean and std."""
+    """A fair sweep of two encoders x two seeds: one trial's training process is SIGKILLed
+    mid-epoch after its latest checkpoint was corrupted; one's loss turns NaN; one runs out
+    of memory the way CUDA says it; the fourth is untouched. The sweep ends with all four
+    accounted for, and the leaderboard ranks the encoder that completed by its mean and std.
+    Under both trainers: Tune restarts an in-process trial, Ray Train its worker."""
     store, results = tmp_path / "mlflow.db", tmp_path / "results"
     environment = {
         **os.environ,
@@ -105,6 +133,8 @@ def test_killed_trial_corrupt_checkpoint_nan_and_oom_in_one_sweep(
         "data.crops_per_image=2",
         "--set",
         "train.max_failures=1",  # one restart for the killed trial
+        "--set",
+        f"resources.trainer={trainer}",
     )
     process = subprocess.Popen(
         command, cwd=REPO, env=environment, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -118,16 +148,18 @@ def test_killed_trial_corrupt_checkpoint_nan_and_oom_in_one_sweep(
             assert process.poll() is None, process.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "the trial never reached its second checkpoint"
             time.sleep(0.5)
-            trial_dir = _trial_dir(results / "faults", "tu-test_convnext", 0)
-            if trial_dir is None or not (trial_dir / "checkpoint_000001" / "checkpoint.pt").is_file():
+            checkpoints, trial_id = _trial_checkpoints(results / "faults", trainer, "tu-test_convnext", 0)
+            if len(checkpoints) != 2 or not (checkpoints[1] / "checkpoint.pt").is_file():
                 continue
-            reports = _reported(trial_dir)
-            if len(reports) == 2 and not (trial_dir / "checkpoint_000002").exists():
-                victim = reports[-1]["pid"]
-        corrupt = trial_dir / "checkpoint_000001" / "checkpoint.pt"
+            reports = _reported(_trial_dir(results / "faults", "tu-test_convnext", 0))
+            if len(reports) == 2:
+                victim = _training_process(trainer, sweep_token_file(results, "faults"), trial_id, reports)
+        corrupt = checkpoints[1] / "checkpoint.pt"
         corrupt.write_bytes(b"\x00 half-written by a dying node \x00")
         time.sleep(1.0)
-        assert len(_reported(trial_dir)) == 2, "epoch 3 ended before the kill; the kill would not be mid-epoch"
+        assert _trial_checkpoints(results / "faults", trainer, "tu-test_convnext", 0)[0] == checkpoints, (
+            "epoch 3 ended before the kill; the kill would not be mid-epoch"
+        )
         os.kill(victim, signal.SIGKILL)
         stdout, stderr = process.communicate(timeout=600)
     finally:
@@ -145,7 +177,7 @@ def test_killed_trial_corrupt_checkpoint_nan_and_oom_in_one_sweep(
     killed = by_config[("tu-test_convnext", "0")]
     assert killed.info.status == "FINISHED" and killed.data.tags["artefact.outcome"] == "completed"
     note = killed.data.tags[RESUME_NOTE_TAG]
-    assert str(corrupt) in note and "checkpoint_000000" in note, note
+    assert str(corrupt) in note and checkpoints[0].name in note, note
     untouched = by_config[("tu-test_convnext", "1")]
     assert untouched.data.tags["artefact.outcome"] == "completed"
     rows = 0
@@ -166,12 +198,16 @@ def test_killed_trial_corrupt_checkpoint_nan_and_oom_in_one_sweep(
     assert "out of GPU memory at epoch 2" in reason and "train.batch_size=8" in reason, reason
     assert _epoch_steps(client, out_of_memory.info.run_id) == [1]
 
-    # A failure a restart would repeat is not trained again: the restart fails at once with
-    # the reason its first attempt recorded, and the epoch 1 that attempt logged is kept.
+    # A failure a restart would repeat is not trained again: the restart (Tune's of the trial,
+    # or Train's of its worker) fails at once with the reason its first attempt recorded, and
+    # the epoch 1 that attempt logged is kept.
     for trial in (diverged, out_of_memory):
         errors = (_trial_dir(results / "faults", "tu-test_resnet", trial.data.params["seed"]) / "error.txt").read_text()
-        first, restart = errors.split("Failure # 2")
-        assert "_raise_recorded" not in first and "_raise_recorded" in restart
+        if trainer == "in_process":
+            first, restart = errors.split("Failure # 2")
+            assert "_raise_recorded" not in first and "_raise_recorded" in restart
+        else:  # Train raises its last attempt's error to Tune, which does not retry it
+            assert "Failure # 2" not in errors and "_raise_recorded" in errors, errors[-2000:]
         checked, lost, doubled = read_back(client, trial, _reported_by(results / "faults", trial))
         assert (lost, doubled) == (0, 0)
         rows += checked
@@ -196,9 +232,9 @@ def test_killed_trial_corrupt_checkpoint_nan_and_oom_in_one_sweep(
     assert all(r["miou_fine_std"] != "" for r in board_rows)
     plots = sorted(p.name for p in (results / "faults" / "plots").iterdir())
     assert plots == ["iou_per_class.png", "speed_quality.png", "validation_curves.png"]
-    fault_survived("trial process SIGKILLed mid-epoch", rows)
+    fault_survived(f"trial process SIGKILLed mid-epoch ({trainer})", rows)
     for scenario in ("corrupt checkpoint on restart", "NaN loss", "out of memory"):
-        fault_survived(scenario)  # the same sweep's rows
+        fault_survived(f"{scenario} ({trainer})")  # the same sweep's rows
 
 
 OUTAGE_S = 15
@@ -316,6 +352,7 @@ def test_a_killed_ray_train_worker_restarts_its_ddp_trial_from_its_checkpoint(
         store,
         *("--name", "ddp", "--mode", "fair", "--encoders", "tu-test_convnext", "--seeds", "1", "--epochs", "3"),
         *("--set", "resources.workers_per_trial=2", "--set", "resources.cpus_per_worker=0.95"),
+        *("--set", "resources.trainer=ray_train"),
         *("--set", "train.batch_size=4", "--set", "data.crops_per_image=2"),
     )
     process = subprocess.Popen(

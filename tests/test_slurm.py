@@ -194,7 +194,8 @@ def test_requeued_job_resumes_its_sweep_while_a_second_job_runs_beside_it(
     [
         (("--profile", "no-such-profile"), (), "--profile 'no-such-profile' is unknown"),
         (
-            ("--set", "resources.gpus_per_worker=1", "--set", "resources.workers_per_trial=2"),
+            ("--set", "resources.gpus_per_worker=1", "--set", "resources.workers_per_trial=2")
+            + ("--set", "resources.trainer=ray_train"),
             ("--gres=gpu:1",),
             "but the cluster has 1 CPUs and 1 GPUs",
         ),
@@ -215,6 +216,25 @@ def test_bad_input_fails_the_job_with_a_clear_message(
     assert message in text, text[-3000:]
     assert "Traceback" not in text
     assert leftover_processes(f"/tmp/ray-{job}/") == []
+
+
+@pytest.mark.slurm
+def test_submit_refuses_a_torch_build_without_the_profile_gpus_before_queueing(slurm, tmp_path: Path) -> None:
+    """A wrong CUDA build fails on the login node, not after hours in the queue (sm_37: no
+    build of this torch has Kepler kernels)."""
+    profile = small_profile(tmp_path)
+    profile.write_text(profile.read_text().replace("resources:\n", "resources:\n  gpu_arch: sm_37\n", 1))
+    queued_before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout
+    submitted = subprocess.run(
+        [str(CLUSTER / "submit.sh"), "--profile", str(profile), "--", "--results", str(tmp_path / "results")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert submitted.returncode != 0
+    assert "error: resources.gpu_arch of this profile is sm_37, but this torch" in submitted.stderr
+    assert "make install TORCH=cu126" in submitted.stderr and "submitted job" not in submitted.stdout
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == queued_before
 
 
 @pytest.mark.slurm

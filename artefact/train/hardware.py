@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
+from pathlib import Path
 
 import torch
 
 from artefact.errors import UserError
 
-V100_INSTALL_HINT = "pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cu126"
+CUDA12_INSTALL = "make install TORCH=cu126"
+"""A CUDA 12.6 build of the pinned torch, for GPUs older than the default build covers (a V100)."""
+NVIDIA_DRIVER_FILE = Path("/proc/driver/nvidia/version")
+"""Present wherever an NVIDIA kernel driver is loaded, whatever torch thinks of it."""
 
 
-def select_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device = 'cuda' but no CUDA GPU is visible; use device: auto or cpu.")
+def select_device(name: str, gpus_per_worker: float = 0.0) -> torch.device:
+    """The trial's device. A trial given GPUs (``gpus_per_worker``) never falls back to the
+    CPU: hours of CPU training in place of minutes on the GPU is a failure, not a default."""
+    if (name == "cuda" or gpus_per_worker > 0) and not torch.cuda.is_available():
+        raise UserError(
+            f"train.device = {name!r}, resources.gpus_per_worker = {gpus_per_worker:g}, but CUDA is not usable"
+            f" in this process: {cuda_unusable_reason()}."
+        )
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
@@ -31,50 +41,81 @@ def configure_kernels(device: torch.device) -> None:
         torch.set_float32_matmul_precision("high")
 
 
+def cuda_unusable_reason() -> str:
+    """Why ``torch.cuda.is_available()`` is False here, with what to install, in one line."""
+    if torch.version.cuda is None:
+        return f"this torch {torch.__version__} is built without CUDA; reinstall it: make install (or {CUDA12_INSTALL})"
+    try:
+        driver = NVIDIA_DRIVER_FILE.read_text(encoding="utf-8", errors="replace").split("Kernel Module")[1].split()[0]
+    except (OSError, IndexError):
+        return "no NVIDIA GPU or driver is visible; run it on a GPU node, or use --profile cpu-smoke"
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1", "NoDevFiles"):
+        return "CUDA_VISIBLE_DEVICES hides every GPU (a SLURM job without --gres=gpu?)"
+    return (
+        f"the NVIDIA driver {driver} is too old for torch {torch.__version__}'s CUDA {torch.version.cuda};"
+        f" update the driver, or install a build for an older CUDA: {CUDA12_INSTALL}"
+    )
+
+
 def check_cuda_usable(gpus_per_worker: float, profile: str) -> None:
     """A profile that asks for GPUs, run where CUDA does not work, would wait for GPUs that
     never come; its pre-flight check says so instead."""
     if gpus_per_worker == 0 or torch.cuda.is_available():
         return
-    reason = (
-        f"this torch {torch.__version__} is built without CUDA"
-        if torch.version.cuda is None
-        else f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU, or no working driver"
-    )
     raise UserError(
         f"profile {profile} asks for GPUs (resources.gpus_per_worker = {gpus_per_worker:g}) but CUDA is not usable"
-        f" here: {reason}. Run it on a GPU machine, or use --profile cpu-smoke."
+        f" here: {cuda_unusable_reason()}."
+    )
+
+
+def arch_supported(arch: str, arch_list: list[str]) -> bool:
+    """Whether a build compiled for ``arch_list`` runs on ``arch`` (``sm_70``): its own
+    kernels, or PTX for an older architecture that the driver compiles for it."""
+    number = int(arch.removeprefix("sm_"))
+    return arch in arch_list or any(
+        a.startswith("compute_") and int(a.removeprefix("compute_")) <= number for a in arch_list
+    )
+
+
+def _unsupported(what: str, arch: str) -> str:
+    arch_list = torch.cuda.get_arch_list()
+    built = f"supports only {', '.join(arch_list)}" if arch_list else "is built without CUDA"
+    return (
+        f"{what} is {arch}, but this torch {torch.__version__} (CUDA {torch.version.cuda}) {built}."
+        f" Install a build for it: {CUDA12_INSTALL} covers sm_50 to sm_90, the default build sm_75 and newer."
     )
 
 
 def check_gpu_supported(device: torch.device) -> None:
     """A V100 (sm_70) under a CUDA 13 build fails deep inside the first kernel; fail here instead."""
     major, minor = torch.cuda.get_device_capability(device)
-    arch_list = torch.cuda.get_arch_list()
-    supported = f"sm_{major}{minor}" in arch_list or any(
-        a.startswith("compute_") and int(a.removeprefix("compute_")) <= major * 10 + minor for a in arch_list
-    )
-    if not supported:
-        raise UserError(
-            f"the GPU {torch.cuda.get_device_name(device)} is sm_{major}{minor}, but this torch "
-            f"{torch.__version__} (CUDA {torch.version.cuda}) supports only {', '.join(arch_list)}. "
-            f"Install a build for it, e.g. for a V100: {V100_INSTALL_HINT}"
-        )
+    arch = f"sm_{major}{minor}"
+    if not arch_supported(arch, torch.cuda.get_arch_list()):
+        raise UserError(_unsupported(f"the GPU {torch.cuda.get_device_name(device)}", arch))
+
+
+def check_arch_built(gpu_arch: str | None) -> None:
+    """The profile's GPUs (``resources.gpu_arch``) against this torch build, where no GPU need
+    be visible: on a login node, before a job waits hours in the queue to fail."""
+    if gpu_arch is not None and not arch_supported(gpu_arch, torch.cuda.get_arch_list()):
+        raise UserError(_unsupported("resources.gpu_arch of this profile", gpu_arch))
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 on sm_80+, fp16 (with a GradScaler) on older GPUs, off on the CPU."""
+    """auto: bf16 on sm_80+, fp16 (with a GradScaler) on sm_70 and sm_75, whose tensor cores
+    take fp16 only; off on older GPUs (no tensor cores: fp16 saves nothing) and on the CPU."""
     if mode == "off":
         return None
     if mode == "fp16":
         return torch.float16
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     if mode == "bf16":
-        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        if capability is not None and capability[0] < 8:
             raise UserError("train.amp = 'bf16' needs an sm_80+ GPU (a V100 has no useful bf16); use fp16 or auto.")
         return torch.bfloat16
-    if device.type != "cuda":
+    if capability is None or capability[0] < 7:
         return None
-    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    return torch.bfloat16 if capability[0] >= 8 else torch.float16
 
 
 PEAK_TFLOPS = {

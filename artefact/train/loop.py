@@ -67,7 +67,7 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
     """Train ``cfg`` on a prepared cache; returns the last epoch's metrics."""
     ranks = Ranks.current()
     _seed_everything(cfg.train.seed + ranks.rank)
-    device = select_device(cfg.train.device)
+    device = select_device(cfg.train.device, cfg.resources.gpus_per_worker)
     if device.type == "cuda" and ranks.distributed:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = amp_dtype(cfg.train.amp, device)

@@ -48,6 +48,8 @@ TRIAL_ENV = {
     # watcher's process took 1.0-1.1% of a core during a Ray Train epoch, and 2.1-2.7 s of
     # CPU over a 75-85 s run.
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # The dashboard's Train view lists a run (and its workers) only with Train's state actor on.
+    "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
 }
 """Read by Tune and Train in the processes of a sweep's trials. ``prepare_local_cluster`` sets
 it for the clusters started here (the benchmark's too); a sweep also passes it as its job's

@@ -31,8 +31,8 @@ class TrialContext:
 
 
 def in_process(cfg: Config) -> bool:
-    """Whether a trial trains in its Tune process (one worker) rather than under a TorchTrainer."""
-    return cfg.resources.workers_per_trial == 1
+    """Whether a trial trains in its Tune process rather than under a TorchTrainer."""
+    return cfg.resources.trainer == "in_process"
 
 
 def run_trial(params: dict[str, Any], base: Config, context: TrialContext) -> None:

@@ -1,11 +1,11 @@
 """Ray Tune: the sweep's Tuner, its Optuna searcher and ASHA scheduler, and resume.
 
-Each trial is a Tune *function* (``trial.run_trial``). A one-worker trial trains in that
-function's own process, which Tune reuses from trial to trial (``worker``). A DDP trial
-(Train V2 style) builds and fits a TorchTrainer named after the trial id (the deprecated
-``Tuner(trainer)`` is not used); its driver reserves almost no CPU, and
+Each trial is a Tune *function* (``trial.run_trial``). Under Ray Train (every GPU profile),
+it builds and fits a TorchTrainer of one or more workers named after the trial id (Train V2
+style; the deprecated ``Tuner(trainer)`` is not used); its driver reserves almost no CPU, and
 ``max_concurrent_trials`` is derived from the cluster's resources, so trial drivers can
-never hold the CPUs their workers need.
+never hold the CPUs their workers need. An ``in_process`` trial trains in the function's own
+process, which Tune reuses from trial to trial (``worker``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.trainable.function_trainable import wrap_function
 
 from artefact.config import Config
 from artefact.errors import UserError
@@ -61,7 +62,20 @@ def _trainable(cfg: Config, context: TrialContext):
     res = cfg.resources
     if in_process(cfg):
         return tune.with_resources(trainable, {"cpu": res.cpus_per_worker, "gpu": res.gpus_per_worker})
-    return tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU})
+    return tune.with_resources(_named_after_its_trial(trainable), {"cpu": TRIAL_DRIVER_CPU})
+
+
+def _named_after_its_trial(function) -> type:
+    """Tune's actor for a function trial shows in the dashboard and in log prefixes as an
+    anonymous ``ImplicitFunc run_trial``; Ray takes an actor's name there from its ``repr``,
+    once, when the actor starts. So this one names its trial, and is never reused for
+    another trial (``reuse_actors`` is off under Ray Train, whose workers start per trial anyway)."""
+
+    class TrialDriver(wrap_function(function)):
+        def __repr__(self) -> str:
+            return f"trial {self.trial_id}"
+
+    return TrialDriver
 
 
 class ResumableOptunaSearch(OptunaSearch):
@@ -83,7 +97,7 @@ def _tune_config(cfg: Config, sweep_dir: Path, name: str, concurrency: int) -> t
     sweep = cfg.sweep
     if sweep.mode == "fair":
         return tune.TuneConfig(
-            num_samples=1, scheduler=FIFOScheduler(), max_concurrent_trials=concurrency, reuse_actors=True
+            num_samples=1, scheduler=FIFOScheduler(), max_concurrent_trials=concurrency, reuse_actors=in_process(cfg)
         )
     scheduler = (
         ASHAScheduler(
@@ -111,7 +125,7 @@ def _tune_config(cfg: Config, sweep_dir: Path, name: str, concurrency: int) -> t
         scheduler=scheduler,
         num_samples=sweep.trials,
         max_concurrent_trials=concurrency,
-        reuse_actors=True,
+        reuse_actors=in_process(cfg),
     )
 
 
