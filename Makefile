@@ -5,16 +5,22 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
+# The torch build, remembered in the venv once chosen: `default` is PyPI's (CUDA 13: GPUs
+# sm_75 and newer, and the CPU); `cu126` is PyTorch's CUDA 12.6 build (sm_50 to sm_90: a V100).
+TORCH ?= $(shell cat $(VENV)/torch-build 2>/dev/null || echo default)
 
 .PHONY: install system-deps run test lint mlflow-ui
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed-$(TORCH): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) scripts/install_torch.py $(TORCH)
 	$(PY) -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed*
+	echo $(TORCH) >$(VENV)/torch-build
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-$(TORCH)
 
 run: install
 	$(PY) sweeps/encoder_bench.py $(ARGS)

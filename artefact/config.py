@@ -250,6 +250,9 @@ class ResourcesConfig:
     """Fractions below 1 pack several trials onto one GPU."""
     gpu_memory_gb: float | None = None
     """Memory of one GPU, to refuse batch sizes that cannot fit before the sweep starts."""
+    gpu_memory_margin: float = 0.0
+    """The share of a trial's GPU memory the memory check keeps free: for the estimate's
+    error, the display and the allocator's fragmentation on a small GPU."""
     node_cpus: int = 2
     node_gpus: int = 0
     node_memory_gb: int = 8
@@ -282,6 +285,9 @@ class ResourcesConfig:
         _check(self.node_memory_gb >= 1, "resources.node_memory_gb", self.node_memory_gb, ">= 1")
         _check(self.cpus_per_worker > 0, "resources.cpus_per_worker", self.cpus_per_worker, "> 0")
         _check(self.gpus_per_worker >= 0, "resources.gpus_per_worker", self.gpus_per_worker, ">= 0")
+        _check(
+            0 <= self.gpu_memory_margin < 1, "resources.gpu_memory_margin", self.gpu_memory_margin, "0 <= margin < 1"
+        )
         _check(
             self.gpus_per_worker <= 1 or self.gpus_per_worker == int(self.gpus_per_worker),
             "resources.gpus_per_worker",

@@ -61,7 +61,8 @@ def check_fits(cfg: Config) -> None:
     res = cfg.resources
     if res.gpu_memory_gb is None or res.gpus_per_worker == 0:
         return
-    share = res.gpu_memory_gb * min(1.0, res.gpus_per_worker)
+    share = res.gpu_memory_gb * min(1.0, res.gpus_per_worker) * (1 - res.gpu_memory_margin)
+    margin = f", less a margin of {res.gpu_memory_margin:.0%}" if res.gpu_memory_margin else ""
     asked = max(cfg.sweep.batch_sizes) if cfg.sweep.mode == "search" else cfg.train.batch_size
     problems = Problems()
     for encoder in cfg.sweep.encoders:
@@ -73,9 +74,9 @@ def check_fits(cfg: Config) -> None:
                 raise UserError(
                     f"batch size {batch} with {encoder} ({cfg.model.arch}, {cfg.data.resolution} px) needs about"
                     f" {need:.1f} GB, but each trial gets {share:.1f} GB (resources.gpu_memory_gb ="
-                    f" {res.gpu_memory_gb} x gpus_per_worker = {res.gpus_per_worker}). Lower sweep.batch_sizes /"
-                    f" train.batch_size (or sweep.encoder_max_batch.{encoder}) or data.resolution, or give each"
-                    " trial more of a GPU."
+                    f" {res.gpu_memory_gb} x gpus_per_worker = {res.gpus_per_worker}{margin}). Lower"
+                    f" sweep.batch_sizes / train.batch_size (or sweep.encoder_max_batch.{encoder}) or"
+                    " data.resolution, or give each trial more of a GPU."
                 )
     problems.raise_any()
 

@@ -125,6 +125,7 @@ def test_python_tags_are_refused(tmp_path: Path, tag: str) -> None:
         (["resources.trainer=ray-train"], "resources.trainer"),
         (["resources.trainer=in_process", "resources.workers_per_trial=2"], "resources.trainer"),
         (["resources.gpu_arch=sm70"], "resources.gpu_arch"),
+        (["resources.gpu_memory_margin=1"], "resources.gpu_memory_margin"),
         (["resources.gpu_arch=sm_7.0"], "resources.gpu_arch"),
         (["sweep.lr_min=0.1", "sweep.lr_max=0.01"], "sweep.lr_min"),
         (["sweep.encoder_max_batch.mit_b3=0"], "sweep.encoder_max_batch.mit_b3"),

@@ -76,25 +76,25 @@ def _reported(trial_dir: Path) -> list[dict]:
     return [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
 
 
-def _trial_checkpoints(sweep_dir: Path, trainer: str, encoder: str, seed: int) -> tuple[list[Path], str | None]:
-    """(a trial's checkpoint folders, oldest first; its Tune trial id): Tune keeps them in the
-    trial's folder, Ray Train in its run's folder, ``train/train-<trial id>``."""
+def _trial_checkpoints(sweep_dir: Path, trainer: str, encoder: str, seed: int) -> tuple[list[Path], list[dict]]:
+    """(a trial's checkpoint folders, oldest first; what it reported to Tune): Tune keeps them
+    in the trial's folder, Ray Train in its run's folder, ``train/train-<trial id>``."""
     trial_dir = _trial_dir(sweep_dir, encoder, seed)
-    if trial_dir is None:
-        return [], None
-    trial_id = trial_dir.name.split("_")[3]
-    folder = trial_dir if trainer == "in_process" else sweep_dir / "train" / f"train-{trial_id}"
-    return sorted(folder.glob("checkpoint_*")), trial_id
+    reports = _reported(trial_dir) if trial_dir is not None else []
+    if not reports:
+        return [], []
+    folder = trial_dir if trainer == "in_process" else sweep_dir / "train" / f"train-{reports[0]['trial_id']}"
+    return sorted(path for path in folder.glob("checkpoint_*") if path.is_dir()), reports  # not Train's .json
 
 
-def _training_process(trainer: str, token_file: Path, trial_id: str, reports: list[dict]) -> int | None:
+def _training_process(trainer: str, token_file: Path, reports: list[dict]) -> int | None:
     """The process that trains a trial: Tune's trial process itself, or the trial's Ray
     Train worker, which works in its run's folder (``train-<trial id>``)."""
     if trainer == "in_process":
         return reports[-1]["pid"]
     for pid in _train_workers(token_file):
         try:
-            if f"train-{trial_id}" in psutil.Process(pid).cwd():
+            if f"train-{reports[0]['trial_id']}" in psutil.Process(pid).cwd():
                 return pid
         except psutil.Error:
             continue
@@ -148,12 +148,9 @@ def test_killed_trial_corrupt_checkpoint_nan_and_oom_in_one_sweep(
             assert process.poll() is None, process.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "the trial never reached its second checkpoint"
             time.sleep(0.5)
-            checkpoints, trial_id = _trial_checkpoints(results / "faults", trainer, "tu-test_convnext", 0)
-            if len(checkpoints) != 2 or not (checkpoints[1] / "checkpoint.pt").is_file():
-                continue
-            reports = _reported(_trial_dir(results / "faults", "tu-test_convnext", 0))
-            if len(reports) == 2:
-                victim = _training_process(trainer, sweep_token_file(results, "faults"), trial_id, reports)
+            checkpoints, reports = _trial_checkpoints(results / "faults", trainer, "tu-test_convnext", 0)
+            if len(checkpoints) == 2 and (checkpoints[1] / "checkpoint.pt").is_file() and len(reports) == 2:
+                victim = _training_process(trainer, sweep_token_file(results, "faults"), reports)
         corrupt = checkpoints[1] / "checkpoint.pt"
         corrupt.write_bytes(b"\x00 half-written by a dying node \x00")
         time.sleep(1.0)

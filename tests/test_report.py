@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from artefact.config_files import load_config
-from artefact.errors import UserError
-from artefact.preflight import check_fits
+from artefact.config import ModelConfig
+from artefact.config_files import PROFILES, load_config
+from artefact.errors import TrainingDiverged, UserError
+from artefact.preflight import check_fits, estimate_training_gb
 from artefact.report.leaderboard import leaderboard, render_text, write_leaderboard
 from artefact.report.trials import TrialSummary
-from artefact.tune.results import _training_time
+from artefact.tune.results import _root_cause, _training_time
 from artefact.tune.space import apply_trial_params
 
 
@@ -75,3 +76,34 @@ def test_a_trial_of_an_encoder_with_a_smaller_batch_trains_at_it_and_the_memory_
     uncapped = load_config(None, [*poc55, "sweep.mode=fair", "sweep.encoders=[maxvit_tiny]"])
     with pytest.raises(UserError, match=r"batch size 8 with maxvit_tiny .* sweep\.encoder_max_batch\.maxvit_tiny"):
         check_fits(uncapped)
+
+
+def test_the_laptop_batches_are_the_largest_that_leave_its_margin_free() -> None:
+    """Each encoder's largest batch fits 6 GB less the profile's 20% margin, and four more
+    images would not: the smoke sweep neither runs out of memory nor wastes the GPU."""
+    laptop = load_config(PROFILES / "laptop.yaml")
+    res = laptop.resources
+    assert (res.gpu_memory_gb, res.gpu_memory_margin, laptop.data.resolution) == (6, 0.2, 384)
+    budget = res.gpu_memory_gb * (1 - res.gpu_memory_margin)
+    check_fits(laptop)
+    for encoder in laptop.sweep.encoders:
+        batch, _ = laptop.sweep.scaled_batch(encoder, max(laptop.sweep.batch_sizes), laptop.train.lr)
+        model = ModelConfig(laptop.model.arch, encoder, laptop.model.heads, False)
+        assert (
+            estimate_training_gb(model, 384, batch, amp=True)
+            <= budget
+            < estimate_training_gb(model, 384, batch + 4, amp=True)
+        ), encoder
+    with pytest.raises(UserError, match=r"needs about 5\.\d GB, but each trial gets 4\.8 GB .* less a margin of 20%"):
+        check_fits(laptop.replace(sweep={"batch_sizes": [16]}))
+
+
+def test_a_ray_train_trial_fails_with_its_worker_reason_not_trains_wrapper() -> None:
+    """The leaderboard's failure line under Ray Train: rank 0's own exception, as in process."""
+    from ray.exceptions import RayTaskError
+    from ray.train import WorkerGroupError
+
+    diverged = TrainingDiverged("the training loss became NaN or infinite at epoch 2, by step 9")
+    on_worker = RayTaskError("train_fn", "traceback", diverged)
+    error = WorkerGroupError("[Rank 0 Error Snippet]: ...", {1: ValueError("rank 1 saw rank 0 go"), 0: on_worker})
+    assert _root_cause(error) == "TrainingDiverged: the training loss became NaN or infinite at epoch 2, by step 9"

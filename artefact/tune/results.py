@@ -79,8 +79,10 @@ def _root_cause(error: BaseException) -> str:
     """The innermost message of a Tune/Train error chain, on one line: ``Type: message``."""
     cause: BaseException = error
     while True:
-        # A RayTaskError carries the trial's own exception in ``cause``, not ``__cause__``.
-        inner = cause.__cause__ or getattr(cause, "cause", None)
+        # A RayTaskError carries the trial's own exception in ``cause``, not ``__cause__``;
+        # Ray Train's WorkerGroupError, each worker's in ``worker_failures`` (rank 0's first).
+        failures = getattr(cause, "worker_failures", None) or {}
+        inner = cause.__cause__ or getattr(cause, "cause", None) or next(iter(sorted(failures.items())), (0, None))[1]
         if not isinstance(inner, BaseException) or inner is cause:
             break
         cause = inner

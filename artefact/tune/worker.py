@@ -121,5 +121,5 @@ def _restored(checkpoint: ray.train.Checkpoint | None, run: TrialRun | None) -> 
 def _newest_first(latest: Path, stored: Path) -> list[Path]:
     """The latest checkpoint's file, then those of the older checkpoints kept beside it
     (Tune and Train name them ``checkpoint_<counter or time>``, which sorts by age)."""
-    older = sorted((p for p in stored.parent.glob("checkpoint_*") if p.name < stored.name), reverse=True)
+    older = sorted((p for p in stored.parent.glob("checkpoint_*") if p.is_dir() and p.name < stored.name), reverse=True)
     return [latest / CHECKPOINT_FILE, *(p / CHECKPOINT_FILE for p in older)]
