@@ -22,6 +22,7 @@ from artefact.data.prepare import ensure_cache
 from artefact.errors import SweepInterrupted
 from artefact.predict import log_best
 from artefact.preflight import validate
+from artefact.report.comparison import verdicts
 from artefact.report.figures import optuna_figures
 from artefact.report.leaderboard import failed_trials, leaderboard, render_text, write_leaderboard, write_plots
 from artefact.tracking.store import delete_sweep, finish_sweep, log_sweep_artifacts, open_sweep
@@ -93,6 +94,9 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         best_model = log_best(tracking, summaries, cfg.sweep.metric)
         status = "FINISHED"
         log("\n" + render_text(rows, cfg.sweep.mode))
+        if cfg.sweep.mode == "fair":
+            for line in verdicts(summaries)[1]:
+                log(line)
         counts = {o: sum(s.outcome == o for s in summaries) for o in ("completed", "stopped_early", "failed")}
         log(f"\ntrials: {counts}")
         for line in failed_trials(summaries):

@@ -7,11 +7,13 @@ deviation over the seeds, as POC-5.8's benchmark intended.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from artefact.report.comparison import Comparison, verdicts
 from artefact.report.figures import iou_heatmap, speed_quality_scatter, validation_curves
 from artefact.report.trials import TrialSummary
 from artefact.taxonomy import FINE_NAMES
@@ -32,6 +34,7 @@ SCALE = {"params_m": 1e-6, "train_min": 1 / 60, "to_best_min": 1 / 60}
 COLUMNS = ("encoder", "trials", *MEASURED, "batch", "lr", "gpu_h")
 """The seeds' tables stated cost next to quality: minutes per trial, to the best epoch, and
 the GPU-hours all of an encoder's trials took; ``batch`` and ``lr`` are what its trials ran at."""
+COMPARISON_FIELDS = [field.name for field in dataclasses.fields(Comparison)]
 
 
 def _scored_by_encoder(summaries: list[TrialSummary]) -> dict[str, list[TrialSummary]]:
@@ -124,18 +127,22 @@ def failed_trials(summaries: list[TrialSummary]) -> list[str]:
     return [f"{s.trial_id} ({describe_config(s.params)}): {s.reason}" for s in summaries if s.outcome == "failed"]
 
 
-def render_markdown(rows: list[dict[str, object]], mode: str, failures: list[str]) -> str:
+def render_markdown(rows: list[dict[str, object]], mode: str, failures: list[str], verdicts: list[str]) -> str:
     header, *body = format_table(rows, mode)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(line) + " |" for line in body]
+    if verdicts:
+        lines += ["", "Compared with the best, seed by seed:", "", *(f"- {line}" for line in verdicts)]
     if failures:
         lines += ["", "Failed trials (not ranked):", "", *(f"- {line}" for line in failures)]
     return "\n".join(lines) + "\n"
 
 
 def write_leaderboard(rows: list[dict[str, object]], summaries: list[TrialSummary], mode: str, out: Path) -> list[Path]:
-    """leaderboard.csv (means and stds as separate columns), leaderboard.md and trials.csv."""
+    """leaderboard.csv (means and stds as separate columns), leaderboard.md and trials.csv;
+    in fair mode also comparison.csv, each encoder against the best on the same seeds."""
     out.mkdir(parents=True, exist_ok=True)
+    comparisons, lines = verdicts(summaries) if mode == "fair" else ([], [])
     board_csv = out / "leaderboard.csv"
     with board_csv.open("w", newline="", encoding="utf-8") as handle:
         plain = [c for c in COLUMNS if c not in MEASURED]
@@ -149,7 +156,15 @@ def write_leaderboard(rows: list[dict[str, object]], summaries: list[TrialSummar
                 record[column], record[f"{column}_std"] = value if isinstance(value, tuple) else ("", "")
             writer.writerow(record)
     board_md = out / "leaderboard.md"
-    board_md.write_text(render_markdown(rows, mode, failed_trials(summaries)), encoding="utf-8")
+    board_md.write_text(render_markdown(rows, mode, failed_trials(summaries), lines), encoding="utf-8")
+    written = [board_csv, board_md]
+    if comparisons:
+        written.append(out / "comparison.csv")
+        with written[-1].open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=[*COMPARISON_FIELDS, "tied"])
+            writer.writeheader()
+            for comparison in comparisons:
+                writer.writerow({**dataclasses.asdict(comparison), "tied": comparison.tied})
     trials_csv = out / "trials.csv"
     with trials_csv.open("w", newline="", encoding="utf-8") as handle:
         param_keys = sorted({k for s in summaries for k in s.params})
@@ -168,7 +183,7 @@ def write_leaderboard(rows: list[dict[str, object]], summaries: list[TrialSummar
                     s.best_checkpoint or "",
                 ]
             )
-    return [board_csv, board_md, trials_csv]
+    return [*written, trials_csv]
 
 
 def write_plots(
