@@ -12,6 +12,8 @@ TORCH ?= $(shell cat $(VENV)/torch-build 2>/dev/null || echo default)
 .PHONY: install system-deps run test lint mlflow-ui
 
 $(VENV)/.installed-$(TORCH): pyproject.toml
+	@# pip keeps 2.14.1+cu126 as satisfying torch==2.14.1, so another build needs a new venv.
+	if [ -f $(VENV)/torch-build ] && [ "$$(cat $(VENV)/torch-build)" != "$(TORCH)" ]; then rm -rf $(VENV); fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) scripts/install_torch.py $(TORCH)

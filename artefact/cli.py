@@ -55,7 +55,8 @@ def _port(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from artefact.config import DataConfig, project_folder
+    from artefact.config import DataConfig
+    from artefact.config_files import project_folder
     from artefact.data.sources.synthetic import DEFAULT_COUNT
 
     store = f"$MLFLOW_TRACKING_URI, else sqlite:///{project_folder() / 'mlflow' / 'mlflow.db'}"
@@ -223,7 +224,7 @@ def _serve_ui(args: argparse.Namespace) -> int:
             f"warning: serving MLflow on {args.host}: anyone who can reach it can read and change your runs.",
             file=sys.stderr,
         )
-    from artefact.config import default_tracking_uri
+    from artefact.config_files import default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri()
     destination = args.artifacts_destination
@@ -260,7 +261,7 @@ def _predict(args: argparse.Namespace) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if args.max_pixels < 1:
         raise UserError(f"--max-pixels {args.max_pixels}: give a positive number of pixels.")
-    from artefact.config import default_tracking_uri
+    from artefact.config_files import default_tracking_uri
     from artefact.predict import predict
 
     predict(args.run, args.images, args.out, args.tracking_uri or default_tracking_uri(), args.max_pixels)

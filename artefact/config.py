@@ -7,7 +7,6 @@ fails before any cluster starts.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,14 @@ DEVICES = ("auto", "cpu", "cuda")
 SWEEP_MODES = ("search", "fair")
 SCHEDULERS = ("asha", "none")
 TRAINERS = ("ray_train", "in_process")
+OBJECTIVES = {
+    "miou_fine": ("val/miou_fine", "max"),
+    "miou_coarse": ("val/miou_coarse", "max"),
+    "miou_binary": ("val/miou_binary", "max"),
+    "img_per_s": ("perf/img_per_s", "max"),
+    "peak_mem_mb": ("perf/peak_mem_mb", "min"),
+}
+"""What ``sweep.objectives`` may name: a metric every epoch reports, and its direction."""
 HOLDOUT_FIELDS = ("material", "content")
 LOSS_KINDS = ("dice", "dice_ce", "dice_focal")
 CLASS_WEIGHTINGS = ("none", "inverse_freq", "inverse_sqrt", "inverse_sqrt_log")
@@ -190,6 +197,10 @@ class SweepConfig:
     grace_period: int = 1
     reduction_factor: int = 2
     metric: str = "val/miou_fine"
+    objectives: tuple[str, ...] = ()
+    """search: two or more of ``OBJECTIVES`` (miou_fine, img_per_s, ...) for Optuna's
+    multi-objective sampler; the report marks the trials on their Pareto front. Empty: the
+    search maximises ``metric`` alone."""
     seed: int = 0
 
     def scaled_batch(self, encoder: str, batch_size: int, lr: float) -> tuple[int, float]:
@@ -230,6 +241,25 @@ class SweepConfig:
                 f"a list of distinct values from {list(allowed)} (empty: not searched)",
             )
         _check(self.scheduler in SCHEDULERS, "sweep.scheduler", self.scheduler, SCHEDULERS)
+        if self.objectives:
+            _check(
+                set(self.objectives) <= set(OBJECTIVES) and len(set(self.objectives)) == len(self.objectives) >= 2,
+                "sweep.objectives",
+                list(self.objectives),
+                f"two or more distinct names from {list(OBJECTIVES)}",
+            )
+            _check(
+                self.mode == "search",
+                "sweep.objectives",
+                list(self.objectives),
+                "sweep.mode = search (fair mode searches nothing)",
+            )
+            _check(
+                self.scheduler == "none",
+                "sweep.objectives",
+                list(self.objectives),
+                "sweep.scheduler = none: ASHA stops trials on one metric and cannot weigh several",
+            )
         _check(self.grace_period >= 1, "sweep.grace_period", self.grace_period, ">= 1")
         _check(self.reduction_factor >= 2, "sweep.reduction_factor", self.reduction_factor, ">= 2")
         _check(
@@ -356,26 +386,3 @@ def _check(ok: bool, name: str, value: object, allowed: object) -> None:
 
 def from_dict(raw: dict[str, Any], where: str = "config") -> Config:
     return build(Config, raw, where, "")
-
-
-CHECKOUT = Path(__file__).resolve().parents[1]
-
-
-def project_folder() -> Path:
-    """Where results/, data/ and mlflow/ go unless told otherwise: the checkout this code runs
-    from, else (an installed package) the current folder, as MLflow's own defaults do."""
-    return CHECKOUT if (CHECKOUT / "sweeps" / "encoder_bench.py").is_file() else Path.cwd()
-
-
-def default_tracking_uri() -> str:
-    """MLflow's own ``MLFLOW_TRACKING_URI`` when set, else the SQLite store in the project's mlflow/."""
-    return absolute_sqlite(
-        os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_folder() / 'mlflow' / 'mlflow.db'}"
-    )
-
-
-def absolute_sqlite(uri: str) -> str:
-    """Ray runs trials in other folders, so a relative SQLite path is made absolute here."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
-    return uri

@@ -8,6 +8,7 @@ names its field once.
 from __future__ import annotations
 
 import importlib.resources
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,8 @@ class SweepFlags:
     seeds: int | None = None
     epochs: int | None = None
     data: str | None = None
+    objectives: str | None = None
+    """Comma-separated; also turns ASHA off, which cannot weigh several objectives."""
 
     def sections(self) -> dict[str, dict[str, Any]]:
         sections: dict[str, dict[str, Any]] = {"sweep": {}, "train": {}, "data": {}}
@@ -102,6 +105,9 @@ class SweepFlags:
             sections["train"]["epochs"] = self.epochs
         if self.data:
             sections["data"]["path"] = str(Path(self.data).resolve())
+        if self.objectives is not None:
+            sections["sweep"]["objectives"] = [o.strip() for o in self.objectives.split(",") if o.strip()]
+            sections["sweep"]["scheduler"] = "none"
         return sections
 
 
@@ -120,3 +126,26 @@ def load_config(
 
 def dump_yaml(config: Config) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def project_folder() -> Path:
+    """Where results/, data/ and mlflow/ go unless told otherwise: the checkout this code runs
+    from, else (an installed package) the current folder, as MLflow's own defaults do."""
+    return CHECKOUT if (CHECKOUT / "sweeps" / "encoder_bench.py").is_file() else Path.cwd()
+
+
+def default_tracking_uri() -> str:
+    """MLflow's own ``MLFLOW_TRACKING_URI`` when set, else the SQLite store in the project's mlflow/."""
+    return absolute_sqlite(
+        os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_folder() / 'mlflow' / 'mlflow.db'}"
+    )
+
+
+def absolute_sqlite(uri: str) -> str:
+    """Ray runs trials in other folders, so a relative SQLite path is made absolute here."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri

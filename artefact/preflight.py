@@ -153,8 +153,9 @@ def check_results_folder(results: Path, cfg: Config) -> None:
 
 
 def validate(request: SweepRequest) -> Path:
-    """All user-input checks that need no cluster; returns the sweep folder."""
-    check_config(request.cfg)
+    """All user-input checks that need no cluster; returns the sweep folder. A sweep that
+    starts its own cluster trains here, so this machine's GPUs must work for a GPU profile."""
+    check_config(request.cfg, request.profile if request.address is None else None)
     check_results_folder(request.results, request.cfg)
     sweep_dir = request.results / request.name
     if request.resume:

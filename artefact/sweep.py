@@ -25,6 +25,7 @@ from artefact.preflight import validate
 from artefact.report.comparison import verdicts
 from artefact.report.figures import optuna_figures
 from artefact.report.leaderboard import failed_trials, leaderboard, render_text, write_leaderboard, write_plots
+from artefact.report.pareto import describe_front, front_rows, write_pareto
 from artefact.tracking.store import delete_sweep, finish_sweep, log_sweep_artifacts, open_sweep
 from artefact.tracking.trials import close_open_trials, close_replaced_trials, close_trial, trial_histories
 from artefact.tracking.vocabulary import SweepRun, run_page
@@ -87,16 +88,19 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         if cfg.sweep.mode == "search":
             fail_orphaned_study_trials(sweep_dir, request.name)
         rows = leaderboard(summaries, cfg.sweep.mode, cfg.resources.workers_per_trial * cfg.resources.gpus_per_worker)
-        files = write_leaderboard(rows, summaries, cfg.sweep.mode, sweep_dir)
+        judged = verdicts(summaries) if cfg.sweep.mode == "fair" else ([], [])
+        files = write_leaderboard(rows, summaries, cfg.sweep.mode, sweep_dir, judged)
+        front = front_rows(summaries, cfg.sweep.objectives) if cfg.sweep.objectives else []
+        if front:
+            files.append(write_pareto(front, cfg.sweep.objectives, sweep_dir))
         log_sweep_artifacts(tracking, files)
         plots = _write_plots(request, rows, summaries, histories, sweep_dir / PLOTS_FOLDER, log)
         log_sweep_artifacts(tracking, plots, PLOTS_FOLDER)
         best_model = log_best(tracking, summaries, cfg.sweep.metric)
         status = "FINISHED"
         log("\n" + render_text(rows, cfg.sweep.mode))
-        if cfg.sweep.mode == "fair":
-            for line in verdicts(summaries)[1]:
-                log(line)
+        for line in [*judged[1], *(describe_front(front, cfg.sweep.objectives) if front else [])]:
+            log(line)
         counts = {o: sum(s.outcome == o for s in summaries) for o in ("completed", "stopped_early", "failed")}
         log(f"\ntrials: {counts}")
         for line in failed_trials(summaries):

@@ -15,8 +15,16 @@ import re
 from pathlib import Path
 
 from artefact.cli import run_cli
-from artefact.config import Config, SweepRequest, absolute_sqlite, default_tracking_uri, project_folder
-from artefact.config_files import PROFILES, SweepFlags, load_config, profile_file
+from artefact.config import Config, SweepRequest
+from artefact.config_files import (
+    PROFILES,
+    SweepFlags,
+    absolute_sqlite,
+    default_tracking_uri,
+    load_config,
+    profile_file,
+    project_folder,
+)
 from artefact.errors import UserError
 from artefact.heap import collector_paused
 
@@ -50,6 +58,11 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
     parser.add_argument("--trials", type=int, help="search: number of trials")
     parser.add_argument("--seeds", type=int, help="fair: seeds per encoder")
     parser.add_argument("--epochs", type=int, help="epochs per trial")
+    parser.add_argument(
+        "--objectives",
+        help="search on two or more objectives at once (comma-separated: miou_fine,\nmiou_coarse, miou_binary,"
+        " img_per_s, peak_mem_mb) and report their Pareto\nfront; ASHA is off (it stops trials on one metric)",
+    )
     parser.add_argument(
         "--name", help="sweep name (MLflow experiment, results/<name>); default: first free\n<profile>-<mode>-<n>"
     )
@@ -106,12 +119,16 @@ def resolve_profile(name: str | None) -> tuple[str, Path]:
 def build_config(args: argparse.Namespace) -> tuple[str, Path, Config]:
     """(profile name, profile file, config): the profile with the flags and --set applied."""
     profile, path = resolve_profile(args.profile)
-    flags = SweepFlags(args.mode, args.encoders, args.trials, args.seeds, args.epochs, args.data)
+    flags = SweepFlags(args.mode, args.encoders, args.trials, args.seeds, args.epochs, args.data, args.objectives)
     return profile, path, load_config(path, args.overrides, flags)
 
 
 def build_request(args: argparse.Namespace) -> SweepRequest:
     profile, path, cfg = build_config(args)
+    if not args.address:  # before the store and token file are made: a GPU profile without CUDA writes nothing
+        from artefact.train.hardware import check_cuda_usable
+
+        check_cuda_usable(cfg.resources.gpus_per_worker, profile)
     results, workspace = args.results.resolve(), args.workspace.resolve()
     tracking_uri = absolute_sqlite(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
     name = args.name or _free_name(results, tracking_uri, f"{profile}-{cfg.sweep.mode}")

@@ -1,9 +1,10 @@
 """Install the pinned torch and torchvision for one CUDA build, as ``make install TORCH=<build>``.
 
 ``default`` is PyPI's build (CUDA 13: GPUs sm_75 and newer, and the CPU), which
-``pip install -e .`` installs anyway. Any other build (``cu126`` for a V100) comes from
-PyTorch's own index; its simple pages are read first, so that a build the index does not
-serve for the pinned versions fails here, in one line, rather than deep inside pip.
+``pip install -e .`` installs into the fresh venv that the Makefile makes for a change of
+build. Any other build (``cu126`` for a V100) comes from PyTorch's own index; its simple
+pages are read first, so that a build the index does not serve for the pinned versions fails
+here, in one line, rather than deep inside pip.
 
 Standard library only: it runs before the project is installed.
 """

@@ -24,7 +24,6 @@ BENCH = REPO / "sweeps" / "encoder_bench.py"
 TRIAL_ACTORS = ("ImplicitFunc", "TrialDriver")
 """Tune's actor class for a function trial: reused (``in_process``), or one per trial and
 named after it (``ray_train``)."""
-"""The class of a Tune function trial's actor, where a one-worker trial trains."""
 
 
 def import_script(name: str, folder: str = "sweeps"):

@@ -14,6 +14,7 @@ from artefact.report.comparison import (
     first_place_share,
     holm,
     permutation_p,
+    seeds_needed,
     verdicts,
 )
 from artefact.report.leaderboard import leaderboard, write_leaderboard
@@ -80,7 +81,8 @@ def test_a_lead_on_every_one_of_eight_seeds_separates_and_holm_counts_every_riva
 def test_a_fair_leaderboard_writes_the_comparisons_and_a_search_does_not(tmp_path: Path) -> None:
     summaries = [*_seeds("mit_b3", [0.30, 0.31, 0.32]), *_seeds("convnext_tiny", [0.29, 0.30, 0.31])]
     summaries.append(TrialSummary("x", {"encoder": "swin_tiny", "seed": 0}, "failed", 1, "boom"))  # never compared
-    files = write_leaderboard(leaderboard(summaries, "fair", 1.0), summaries, "fair", tmp_path / "fair")
+    judged = verdicts(summaries)
+    files = write_leaderboard(leaderboard(summaries, "fair", 1.0), summaries, "fair", tmp_path / "fair", judged)
     assert [f.name for f in files] == ["leaderboard.csv", "leaderboard.md", "comparison.csv", "trials.csv"]
     (row,) = csv.DictReader((tmp_path / "fair" / "comparison.csv").open())
     assert (row["best"], row["encoder"], row["pairs"], row["tied"]) == ("mit_b3", "convnext_tiny", "3", "True")
@@ -88,8 +90,34 @@ def test_a_fair_leaderboard_writes_the_comparisons_and_a_search_does_not(tmp_pat
     assert "Compared with the best, seed by seed:" in board
     assert "- mit_b3 and convnext_tiny are not separable on this data" in board
     assert "- Ranked first on the 3 shared seeds: mit_b3 100%, convnext_tiny 0%." in board
-    assert verdicts(summaries)[1][-1] == "Ranked first on the 3 shared seeds: mit_b3 100%, convnext_tiny 0%."
+    assert judged[1][-1] == "Ranked first on the 3 shared seeds: mit_b3 100%, convnext_tiny 0%."
 
     searched = write_leaderboard(leaderboard(summaries, "search", 1.0), summaries, "search", tmp_path / "search")
     assert "comparison.csv" not in [f.name for f in searched]
     assert "Compared with the best" not in (tmp_path / "search" / "leaderboard.md").read_text()
+
+
+def test_many_pairs_use_random_flips_and_never_report_p_zero() -> None:
+    p = permutation_p([1.0 + 0.01 * i for i in range(20)])  # 2^20 flips: too many to enumerate
+    assert 0 < p <= 2 / 20_001
+    assert permutation_p([(-1.0) ** i for i in range(20)]) > 0.5
+
+
+def test_the_seeds_a_verdict_needs_grow_with_the_encoders_holm_counts() -> None:
+    assert [seeds_needed(rivals) for rivals in (1, 2, 4, 8)] == [6, 7, 8, 9]
+    scores = {name: {seed: base + 0.01 * seed for seed in range(7)} for name, base in (("a", 0.5), ("b", 0.4))}
+    scores.update({name: {seed: 0.3 for seed in range(7)} for name in ("c", "d", "e")})
+    comparisons = compare_with_best(scores)  # poc58's five encoders: four rivals, so 7 seeds cannot separate
+    assert all(c.rivals == 4 and c.tied for c in comparisons)
+    assert comparisons[0].sentence().endswith("7 paired seeds cannot separate them at 5% (8 or more can).")
+
+
+def test_a_rival_ahead_on_the_shared_seeds_is_named_the_winner() -> None:
+    """The best by mean over its own seeds can trail on the seeds both ran (a failed seed)."""
+    scores = {
+        "a": {0: 0.95, 8: 0.95, 9: 0.95, **{seed: 0.30 for seed in range(1, 8)}},
+        "b": {seed: 0.40 for seed in range(1, 8)},
+    }
+    (comparison,) = compare_with_best(scores)
+    assert comparison.best == "a" and comparison.delta == pytest.approx(-10.0) and not comparison.tied
+    assert comparison.sentence().startswith("b beats a on this data: Δ = -10.0")

@@ -73,10 +73,12 @@ def test_amp_is_off_on_the_cpu_unless_forced() -> None:
         ("sm_70", CUDA126_BUILD, True),
         ("sm_61", CUDA13_BUILD, False),
         ("sm_86", CUDA13_BUILD, True),
-        ("sm_89", CUDA126_BUILD, False),  # no sm_89 kernels and no PTX to compile them from
-        ("sm_89", [*CUDA126_BUILD, "compute_90"], False),  # PTX runs only on its own or newer GPUs
-        ("sm_89", [*CUDA126_BUILD, "compute_86"], True),
+        ("sm_89", CUDA13_BUILD, True),  # an RTX 40xx or L4 runs the sm_86 kernels of its major version
+        ("sm_89", ["sm_75", "sm_90"], False),  # no sm_8x kernels and no PTX to compile them from
+        ("sm_89", ["sm_75", "sm_90", "compute_90"], False),  # PTX runs only on its own or newer GPUs
+        ("sm_89", ["sm_75", "compute_86"], True),
         ("sm_90", CUDA13_BUILD, True),
+        ("sm_120", ["sm_100", "sm_120a"], True),  # suffixed architectures count as their number
     ],
 )
 def test_a_build_runs_its_own_architectures_and_newer_ones_through_ptx(arch, build, runs) -> None:
@@ -116,11 +118,15 @@ def test_each_reason_cuda_is_unusable_is_named_with_its_fix(tmp_path: Path, monk
     assert cuda_unusable_reason().startswith("no NVIDIA GPU or driver is visible")
 
     driver = tmp_path / "version"
-    driver.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n")
     monkeypatch.setattr(hardware, "NVIDIA_DRIVER_FILE", driver)
-    reason = cuda_unusable_reason()
-    assert "the NVIDIA driver 535.104.05 is too old for torch" in reason and "CUDA 13.0" in reason
-    assert "make install TORCH=cu126" in reason
+    for line, version in (
+        ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023", "535.104.05"),
+        ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  550.54.14  Release Build", "550.54.14"),
+    ):
+        driver.write_text(line + "\nGCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")
+        reason = cuda_unusable_reason()
+        assert f"the NVIDIA driver {version} does not work with torch" in reason and "CUDA 13.0" in reason
+        assert "make install TORCH=cu126" in reason and "(" in reason  # torch's own words in brackets
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert cuda_unusable_reason().startswith("CUDA_VISIBLE_DEVICES hides every GPU")

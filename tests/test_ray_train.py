@@ -38,7 +38,7 @@ def test_each_trial_is_a_train_run_named_after_it_with_its_worker(ray_train_swee
     watched, _, _, trials = ray_train_sweep
     assert watched.train_runs, "the dashboard's Train view never listed a run"
     runs = {run["name"]: run for run in watched.train_runs}
-    assert set(runs) <= {f"train-{trial_id}" for trial_id in trials}, sorted(runs)
+    assert set(runs) == {f"train-{trial_id}" for trial_id in trials}, sorted(runs)  # every trial, by its id
     for run in runs.values():
         (worker,) = run["attempts"][-1]["workers"]  # one worker: the trial's whole training loop
         assert worker["world_rank"] == 0 and worker["node_ip"] == "127.0.0.1" and worker["pid"] > 0

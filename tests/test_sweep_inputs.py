@@ -52,6 +52,18 @@ def test_a_new_sweep_never_joins_an_existing_one_in_the_store(tmp_path: Path, ca
     assert not (tmp_path / "results" / "taken").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where CUDA is not usable")
+def test_a_gpu_profile_never_falls_back_to_the_cpu(tmp_path: Path, capsys, bad_input_tried) -> None:
+    """The sweep itself, not only --check: it stops before any cluster, store or folder."""
+    argv = ["--profile", "laptop", "--set", "model.pretrained=false", "--results", str(tmp_path / "results")]
+    argv += ["--workspace", str(tmp_path / "ws"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    assert encoder_bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: profile laptop asks for GPUs (resources.gpus_per_worker = 1) but CUDA is not usable here" in err
+    assert list(tmp_path.iterdir()) == []
+    bad_input_tried("GPU profile without CUDA")
+
+
 def test_a_prepared_cache_given_as_data_fixes_the_recorded_split(synthetic_cache: Path, tmp_path: Path) -> None:
     import json
 

@@ -20,6 +20,7 @@ ALPHA = 0.05
 BOOTSTRAP_ROUNDS = 10_000
 EXACT_PAIRS = 16
 """Up to this many pairs the permutation test enumerates every sign flip (65,536)."""
+RANDOM_FLIPS = 20_000
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class Comparison:
     high: float
     p_value: float
     p_holm: float
+    rivals: int
+    """Encoders compared with the best: Holm multiplies the smallest p by this many."""
 
     @property
     def tied(self) -> bool:
@@ -43,11 +46,22 @@ class Comparison:
     def sentence(self) -> str:
         interval = f"Δ = {self.delta:.1f} [{self.low:.1f}, {self.high:.1f}] points, p = {self.p_holm:.2g}"
         if not self.tied:
-            return f"{self.best} beats {self.encoder} on this data: {interval} ({self.pairs} paired seeds)."
+            winner, loser = (self.best, self.encoder) if self.delta > 0 else (self.encoder, self.best)
+            return f"{winner} beats {loser} on this data: {interval} ({self.pairs} paired seeds)."
         verdict = f"{self.best} and {self.encoder} are not separable on this data: {interval}"
-        if 2 / 2**self.pairs >= ALPHA:  # even a win on every seed could not reach 5%
-            return f"{verdict}; {self.pairs} paired seeds cannot separate them at 5% (6 or more can)."
+        needed = seeds_needed(self.rivals)
+        if self.pairs < needed:  # even a lead on every seed could not reach 5%
+            return f"{verdict}; {self.pairs} paired seeds cannot separate them at 5% ({needed} or more can)."
         return f"{verdict} ({self.pairs} paired seeds)."
+
+
+def seeds_needed(rivals: int) -> int:
+    """The fewest pairs whose exact test, Holm-adjusted over ``rivals`` comparisons, can reach
+    5%: a lead on every pair has p = 2 / 2^n, multiplied by ``rivals`` at worst."""
+    pairs = 1
+    while rivals * 2 / 2**pairs >= ALPHA:
+        pairs += 1
+    return pairs
 
 
 def seed_scores(summaries: list[TrialSummary]) -> dict[str, dict[object, float]]:
@@ -75,20 +89,22 @@ def compare_with_best(scores: dict[str, dict[object, float]]) -> list[Comparison
         low, high = bootstrap_interval(differences)
         raw.append((encoder, len(seeds), statistics.fmean(differences), low, high, permutation_p(differences)))
     adjusted = holm([row[-1] for row in raw])
-    return [Comparison(e, best, n, d, lo, hi, p, q) for (e, n, d, lo, hi, p), q in zip(raw, adjusted, strict=True)]
+    return [
+        Comparison(e, best, n, d, lo, hi, p, q, len(raw)) for (e, n, d, lo, hi, p), q in zip(raw, adjusted, strict=True)
+    ]
 
 
 def permutation_p(differences: list[float]) -> float:
     """Two-sided p of a paired sign-flip permutation test on the mean difference: exact up to
-    ``EXACT_PAIRS`` pairs, else from 100,000 random flips."""
+    ``EXACT_PAIRS`` pairs, else from ``RANDOM_FLIPS`` random flips."""
     observed = abs(statistics.fmean(differences)) - 1e-12
     if len(differences) <= EXACT_PAIRS:
         flips = itertools.product((1, -1), repeat=len(differences))
         means = [abs(statistics.fmean(s * d for s, d in zip(signs, differences, strict=True))) for signs in flips]
-    else:
-        draw = random.Random(0)
-        means = [abs(statistics.fmean(d * draw.choice((1, -1)) for d in differences)) for _ in range(100_000)]
-    return sum(mean >= observed for mean in means) / len(means)
+        return sum(mean >= observed for mean in means) / len(means)
+    draw = random.Random(0)
+    means = [abs(statistics.fmean(d * draw.choice((1, -1)) for d in differences)) for _ in range(RANDOM_FLIPS)]
+    return (sum(mean >= observed for mean in means) + 1) / (RANDOM_FLIPS + 1)  # never 0: the observed counts too
 
 
 def bootstrap_interval(differences: list[float], confidence: float = 0.95) -> tuple[float, float]:

@@ -13,7 +13,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from artefact.report.comparison import Comparison, verdicts
+from artefact.report.comparison import Comparison
 from artefact.report.figures import iou_heatmap, speed_quality_scatter, validation_curves
 from artefact.report.trials import TrialSummary
 from artefact.taxonomy import FINE_NAMES
@@ -127,22 +127,28 @@ def failed_trials(summaries: list[TrialSummary]) -> list[str]:
     return [f"{s.trial_id} ({describe_config(s.params)}): {s.reason}" for s in summaries if s.outcome == "failed"]
 
 
-def render_markdown(rows: list[dict[str, object]], mode: str, failures: list[str], verdicts: list[str]) -> str:
+def render_markdown(rows: list[dict[str, object]], mode: str, failures: list[str], sentences: list[str]) -> str:
     header, *body = format_table(rows, mode)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(line) + " |" for line in body]
-    if verdicts:
-        lines += ["", "Compared with the best, seed by seed:", "", *(f"- {line}" for line in verdicts)]
+    if sentences:
+        lines += ["", "Compared with the best, seed by seed:", "", *(f"- {line}" for line in sentences)]
     if failures:
         lines += ["", "Failed trials (not ranked):", "", *(f"- {line}" for line in failures)]
     return "\n".join(lines) + "\n"
 
 
-def write_leaderboard(rows: list[dict[str, object]], summaries: list[TrialSummary], mode: str, out: Path) -> list[Path]:
+def write_leaderboard(
+    rows: list[dict[str, object]],
+    summaries: list[TrialSummary],
+    mode: str,
+    out: Path,
+    judged: tuple[list[Comparison], list[str]] = ([], []),
+) -> list[Path]:
     """leaderboard.csv (means and stds as separate columns), leaderboard.md and trials.csv;
-    in fair mode also comparison.csv, each encoder against the best on the same seeds."""
+    with a fair sweep's comparisons (``comparison.verdicts``) also comparison.csv."""
     out.mkdir(parents=True, exist_ok=True)
-    comparisons, lines = verdicts(summaries) if mode == "fair" else ([], [])
+    comparisons, sentences = judged
     board_csv = out / "leaderboard.csv"
     with board_csv.open("w", newline="", encoding="utf-8") as handle:
         plain = [c for c in COLUMNS if c not in MEASURED]
@@ -156,7 +162,7 @@ def write_leaderboard(rows: list[dict[str, object]], summaries: list[TrialSummar
                 record[column], record[f"{column}_std"] = value if isinstance(value, tuple) else ("", "")
             writer.writerow(record)
     board_md = out / "leaderboard.md"
-    board_md.write_text(render_markdown(rows, mode, failed_trials(summaries), lines), encoding="utf-8")
+    board_md.write_text(render_markdown(rows, mode, failed_trials(summaries), sentences), encoding="utf-8")
     written = [board_csv, board_md]
     if comparisons:
         written.append(out / "comparison.csv")

@@ -18,7 +18,7 @@ import mlflow.version
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
-from artefact.config import absolute_sqlite
+from artefact.config_files import absolute_sqlite
 from artefact.errors import UserError
 from artefact.tracking.vocabulary import (
     PARENT_TAG,

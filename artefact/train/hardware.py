@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import resource
 import sys
 from pathlib import Path
@@ -46,15 +47,26 @@ def cuda_unusable_reason() -> str:
     if torch.version.cuda is None:
         return f"this torch {torch.__version__} is built without CUDA; reinstall it: make install (or {CUDA12_INSTALL})"
     try:
-        driver = NVIDIA_DRIVER_FILE.read_text(encoding="utf-8", errors="replace").split("Kernel Module")[1].split()[0]
-    except (OSError, IndexError):
+        driver_text = NVIDIA_DRIVER_FILE.read_text(encoding="utf-8", errors="replace")
+    except OSError:
         return "no NVIDIA GPU or driver is visible; run it on a GPU node, or use --profile cpu-smoke"
     if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1", "NoDevFiles"):
         return "CUDA_VISIBLE_DEVICES hides every GPU (a SLURM job without --gres=gpu?)"
+    version = re.search(r"\b\d+\.\d+(?:\.\d+)?\b", driver_text)
+    driver = f"the NVIDIA driver {version.group()}" if version else "the NVIDIA driver"
     return (
-        f"the NVIDIA driver {driver} is too old for torch {torch.__version__}'s CUDA {torch.version.cuda};"
-        f" update the driver, or install a build for an older CUDA: {CUDA12_INSTALL}"
+        f"{driver} does not work with torch {torch.__version__}'s CUDA {torch.version.cuda} ({_cuda_init_error()});"
+        f" if it is too old, update it or install a build for an older CUDA: {CUDA12_INSTALL}"
     )
+
+
+def _cuda_init_error() -> str:
+    """torch's own first line on why CUDA does not start (a driver too old, no device, ...)."""
+    try:
+        torch.cuda.init()
+    except Exception as error:  # torch raises RuntimeError or its own AssertionError here
+        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return "torch starts CUDA but sees no device"
 
 
 def check_cuda_usable(gpus_per_worker: float, profile: str) -> None:
@@ -69,12 +81,21 @@ def check_cuda_usable(gpus_per_worker: float, profile: str) -> None:
 
 
 def arch_supported(arch: str, arch_list: list[str]) -> bool:
-    """Whether a build compiled for ``arch_list`` runs on ``arch`` (``sm_70``): its own
-    kernels, or PTX for an older architecture that the driver compiles for it."""
-    number = int(arch.removeprefix("sm_"))
-    return arch in arch_list or any(
-        a.startswith("compute_") and int(a.removeprefix("compute_")) <= number for a in arch_list
-    )
+    """Whether a build compiled for ``arch_list`` runs on ``arch`` (``sm_89``): kernels for its
+    own architecture or an earlier one of the same major version (an sm_86 kernel runs on
+    sm_89), or PTX for any earlier architecture, which the driver compiles for it."""
+    major, minor = divmod(int(arch.removeprefix("sm_")), 10)
+    for built in arch_list:
+        kind, _, number = built.partition("_")
+        found = re.match(r"\d+", number)
+        if found is None:
+            continue
+        built_major, built_minor = divmod(int(found.group()), 10)
+        if kind == "sm" and built_major == major and built_minor <= minor:
+            return True
+        if kind == "compute" and (built_major, built_minor) <= (major, minor):
+            return True
+    return False
 
 
 def _unsupported(what: str, arch: str) -> str:

@@ -37,16 +37,22 @@ def connect(address: str | None, verbose: bool) -> str | None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": {**env_vars, "RAY_ADDRESS": address}}, **quiet)
         return None
-    with _port_choice_lock():  # two sweeps started at once would choose the same free port
-        port = _free_port(DASHBOARD_PORT)
-        context = ray.init(
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=port,
-            _node_ip_address="127.0.0.1",
-            runtime_env={"env_vars": {**env_vars, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
-            **quiet,
-        )
+    for attempt in range(3):
+        with _port_choice_lock():  # two sweeps started at once would choose the same free port
+            port = _free_port(DASHBOARD_PORT if attempt == 0 else 0)
+            try:
+                context = ray.init(
+                    include_dashboard=True,
+                    dashboard_host="127.0.0.1",
+                    dashboard_port=port,
+                    _node_ip_address="127.0.0.1",
+                    runtime_env={"env_vars": {**env_vars, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+                    **quiet,
+                )
+                break
+            except Exception as error:  # Ray raises a bare Exception when another program took the port
+                if "port for dashboard" not in str(error) or attempt == 2:
+                    raise
     node_address = context.address_info["node_ip_address"]
     if node_address != "127.0.0.1":
         ray.shutdown()
@@ -54,15 +60,16 @@ def connect(address: str | None, verbose: bool) -> str | None:
             f"the local Ray cluster bound to {node_address} instead of 127.0.0.1; refusing to run a sweep that"
             " other machines could reach. Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (see artefact/tune/ray_env.py)."
         )
-    return f"http://{context.dashboard_url}"
+    return f"http://{context.dashboard_url}" if context.dashboard_url else None
 
 
 @contextlib.contextmanager
 def _port_choice_lock() -> Iterator[None]:
     """Held from choosing the dashboard's port until Ray has bound it (Ray does not retry an
-    explicit port), by every sweep on this machine."""
-    # Read-only, so that a lock file another user created serves as well.
-    descriptor = os.open(Path(tempfile.gettempdir()) / "artefact-dashboard-port.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+    explicit port), by every sweep of this user on this machine."""
+    # One per user: another user's file in /tmp cannot be opened with O_CREAT (protected_regular).
+    lock = Path(tempfile.gettempdir()) / f"artefact-dashboard-port-{os.getuid()}.lock"
+    descriptor = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o600)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)
         yield

@@ -20,7 +20,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.trainable.function_trainable import wrap_function
 
-from artefact.config import Config
+from artefact.config import OBJECTIVES, Config
 from artefact.errors import UserError
 from artefact.tracking.vocabulary import SweepRun
 from artefact.train.checkpoint import CHECKPOINTS_KEPT
@@ -109,10 +109,13 @@ def _tune_config(cfg: Config, sweep_dir: Path, name: str, concurrency: int) -> t
         if sweep.stops_trials_early
         else FIFOScheduler()
     )
+    # Several objectives: Optuna's multi-objective TPE gets each trial's last epoch on all of
+    # them; Tune itself still ranks checkpoints by sweep.metric.
+    objectives = [OBJECTIVES[name] for name in sweep.objectives]
     searcher = ResumableOptunaSearch(
         space=SearchSpace.from_config(cfg),
-        metric=sweep.metric,
-        mode="max",
+        metric=[key for key, _ in objectives] if objectives else sweep.metric,
+        mode=[direction for _, direction in objectives] if objectives else "max",
         points_to_evaluate=default_points(cfg),
         sampler=optuna.samplers.TPESampler(seed=sweep.seed),
         storage=optuna.storages.RDBStorage(optuna_storage(sweep_dir)),
