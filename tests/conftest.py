@@ -35,9 +35,11 @@ SYSTEM_TESTS = {
 }
 """Tests that drive system programs: ``make test`` leaves installing them to ``make system-deps``."""
 
-SHARED_SESSION_FIXTURES = ("default_sweep", "slurm")
-"""Session fixtures too costly, or too global, to build once per test worker: the default
-sweep (about a minute) and the one SLURM cluster the machine can run."""
+SHARED_SESSION_FIXTURES = ("default_sweep", "slurm", RAY_TRAIN_GROUP := "ray_train_sweep")
+"""Fixtures too costly, or too global, to build once per test worker: the default sweep
+(about a minute), the one SLURM cluster the machine can run, and the Ray Train sweep, whose
+group also holds the other Ray Train sweeps: three processes per trial each, they thrash two
+cores when two run at once (measured: 150 s alone, 680 s beside another)."""
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups

@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 from builders import free_port
+from conftest import RAY_TRAIN_GROUP
 from mlflow.tracking import MlflowClient
 from sweep_helpers import (
     REPO,
@@ -101,7 +102,9 @@ def _training_process(trainer: str, token_file: Path, reports: list[dict]) -> in
     return None
 
 
-@pytest.mark.parametrize("trainer", ["in_process", "ray_train"])
+@pytest.mark.parametrize(
+    "trainer", ["in_process", pytest.param("ray_train", marks=pytest.mark.xdist_group(RAY_TRAIN_GROUP))]
+)
 def test_killed_trial_corrupt_checkpoint_nan_and_oom_in_one_sweep(
     tmp_path: Path, synthetic_workspace: Path, fault_survived, trainer: str
 ) -> None:
@@ -335,6 +338,7 @@ def _train_workers(token_file: Path) -> set[int]:
     return {pid for pid, command in ray_cluster_processes(token_file).items() if "RayTrainWorker" in command}
 
 
+@pytest.mark.xdist_group(RAY_TRAIN_GROUP)
 def test_a_killed_ray_train_worker_restarts_its_ddp_trial_from_its_checkpoint(
     tmp_path: Path, synthetic_workspace: Path, fault_survived
 ) -> None:
