@@ -125,10 +125,10 @@ def build_config(args: argparse.Namespace) -> tuple[str, Path, Config]:
 
 def build_request(args: argparse.Namespace) -> SweepRequest:
     profile, path, cfg = build_config(args)
-    # Every config problem (a GPU profile without CUDA too) before the store and token file exist.
-    from artefact.preflight import check_config
+    if not args.address:  # before the store and token file exist, and before Ray is imported
+        from artefact.train.hardware import check_cuda_usable
 
-    check_config(cfg, profile if not args.address else None)
+        check_cuda_usable(cfg.resources.gpus_per_worker, profile)
     results, workspace = args.results.resolve(), args.workspace.resolve()
     tracking_uri = absolute_sqlite(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
     name = args.name or _free_name(results, tracking_uri, f"{profile}-{cfg.sweep.mode}")
