@@ -128,8 +128,9 @@ class WatchedSweep:
     unauthenticated_status: int | None = None
     nodes: list[dict] = field(default_factory=list)
     actors: list[dict] = field(default_factory=list)
-    train_runs: list[dict] = field(default_factory=list)
-    """The Train view's runs (Train V2's ``/api/train/v2/runs/v1``), as last seen with workers."""
+    train_runs: dict[str, dict] = field(default_factory=dict)
+    """The Train view's runs (Train V2's ``/api/train/v2/runs/v1``) by name, each as last seen
+    with workers in its latest attempt (a run just created has an attempt with none yet)."""
 
 
 def _dashboard_get(url: str, token: str | None) -> tuple[int, dict]:
@@ -177,8 +178,9 @@ def run_bench_watching_dashboard(
             token = token_file.read_text().strip()
             if watch_train:
                 status, runs = _dashboard_get(f"{watched.dashboard_url}/api/train/v2/runs/v1", token)
-                if status == 200 and any(attempt["workers"] for r in runs["train_runs"] for attempt in r["attempts"]):
-                    watched.train_runs = runs["train_runs"]
+                for run in runs.get("train_runs", []) if status == 200 else []:
+                    if run["name"] not in watched.train_runs or (run["attempts"] and run["attempts"][-1]["workers"]):
+                        watched.train_runs[run["name"]] = run
             if watched.actors:
                 continue
             watched.unauthenticated_status, _ = _dashboard_get(f"{watched.dashboard_url}/api/v0/nodes", None)

@@ -37,7 +37,7 @@ def ray_train_sweep(tmp_path_factory: pytest.TempPathFactory, synthetic_workspac
 def test_each_trial_is_a_train_run_named_after_it_with_its_worker(ray_train_sweep) -> None:
     watched, _, _, trials = ray_train_sweep
     assert watched.train_runs, "the dashboard's Train view never listed a run"
-    runs = {run["name"]: run for run in watched.train_runs}
+    runs = watched.train_runs
     assert set(runs) == {f"train-{trial_id}" for trial_id in trials}, sorted(runs)  # every trial, by its id
     for run in runs.values():
         (worker,) = run["attempts"][-1]["workers"]  # one worker: the trial's whole training loop
