@@ -82,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
         help="offline flip/rot90 copies on the train side",
     )
     prepare.add_argument("--split-seed", type=int, default=DataConfig.split_seed)
+    prepare.add_argument("--cv", help="also build cross-validation folds: content, material or kfold:K")
     prepare.add_argument("--max-pixels", type=int, default=DataConfig.max_pixels, help="decompression-bomb bound")
 
     synth = commands.add_parser("synth", help="write a synthetic ARTeFACT-shaped data set")

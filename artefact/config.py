@@ -31,6 +31,8 @@ OBJECTIVES = {
 }
 """What ``sweep.objectives`` may name: a metric every epoch reports, and its direction."""
 HOLDOUT_FIELDS = ("material", "content")
+CV_KINDS = re.compile(r"(content|material)|kfold:(\d+)")
+"""``data.cv``: leave one content type out, leave one material out, or K grouped folds."""
 LOSS_KINDS = ("dice", "dice_ce", "dice_focal")
 CLASS_WEIGHTINGS = ("none", "inverse_freq", "inverse_sqrt", "inverse_sqrt_log")
 
@@ -49,6 +51,12 @@ class DataConfig:
     augment_copies: int = 0
     """Offline flipped/rotated copies (0..3) added to the training side only."""
     split_seed: int = 0
+    cv: str | None = None
+    """Cross-validation folds, built into the cache: 'content' (each content type held out in
+    turn), 'material' (each material) or 'kfold:K' (K folds of source images, stratified by
+    material). A fair sweep then trains every encoder x seed on every fold."""
+    fold: int | None = None
+    """The fold a run validates on (set per trial by a sweep with data.cv); None: the cache's split."""
     crops_per_image: int = 1
     """Random training crops drawn from each training image per epoch."""
     in_memory: bool = False
@@ -71,14 +79,13 @@ class DataConfig:
         _check(self.crops_per_image >= 1, "data.crops_per_image", self.crops_per_image, ">= 1")
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, ">= 0")
         _check(self.max_pixels > 0, "data.max_pixels", self.max_pixels, "> 0")
-        if self.holdout is not None:
-            key, _, value = self.holdout.partition("=")
-            _check(
-                key in HOLDOUT_FIELDS and bool(value),
-                "data.holdout",
-                self.holdout,
-                "'material=<value>' or 'content=<value>'",
-            )
+        key, _, value = (self.holdout or "material=any").partition("=")
+        _check(key in HOLDOUT_FIELDS and bool(value), "data.holdout", self.holdout, "'material=<x>' or 'content=<x>'")
+        kind = CV_KINDS.fullmatch(self.cv or "kfold:2")
+        _check(bool(kind) and int(kind[2] or 2) >= 2, "data.cv", self.cv, "content, material or kfold:K with K >= 2")
+        _check(not (self.cv and self.holdout), "data.cv", self.cv, f"no data.holdout ({self.holdout!r}): choose one")
+        ok_fold = self.fold is None or (self.cv is not None and self.fold >= 0)
+        _check(ok_fold, "data.fold", self.fold, "null, or a fold number >= 0 with data.cv set")
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,7 @@ class SweepFlags:
     data: str | None = None
     objectives: str | None = None
     """Comma-separated; also turns ASHA off, which cannot weigh several objectives."""
+    cv: str | None = None
 
     def sections(self) -> dict[str, dict[str, Any]]:
         sections: dict[str, dict[str, Any]] = {"sweep": {}, "train": {}, "data": {}}
@@ -108,6 +109,8 @@ class SweepFlags:
         if self.objectives is not None:
             sections["sweep"]["objectives"] = [o.strip() for o in self.objectives.split(",") if o.strip()]
             sections["sweep"]["scheduler"] = "none"
+        if self.cv is not None:
+            sections["data"]["cv"] = self.cv
         return sections
 
 

@@ -118,6 +118,11 @@ def check_config(cfg: Config, local_profile: str | None = None) -> None:
             check_gpu_supported(torch.device("cuda"))
     with problems.check():
         check_arch_built(cfg.resources.gpu_arch)
+    if cfg.data.cv is not None and cfg.sweep.mode != "fair":
+        problems.add(
+            f"--cv {cfg.data.cv} needs --mode fair: folds compare encoders on one fixed configuration."
+            " Search on one split first, then cross-validate its best encoders with --mode fair --cv."
+        )
     if cfg.data.path is not None and not Path(cfg.data.path).exists():
         problems.add(f"--data {cfg.data.path}: no such file or folder.")
     allocation = allocation_resources()
@@ -127,9 +132,10 @@ def check_config(cfg: Config, local_profile: str | None = None) -> None:
     problems.raise_any()
 
 
-def check_results_folder(results: Path, cfg: Config) -> None:
+def check_results_folder(results: Path, cfg: Config, folds: int = 0) -> None:
     """An unwritable or full results folder fails here, before any training, rather than at
-    the first checkpoint of every trial."""
+    the first checkpoint of every trial. A ``--cv`` sweep's folds are known once its cache
+    is prepared, and it is checked again then, with ``folds``."""
     try:
         results.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=results):
@@ -143,7 +149,7 @@ def check_results_folder(results: Path, cfg: Config) -> None:
         count_parameters(meta_model(dataclasses.replace(cfg.model, encoder=e), cfg.data.resolution))
         for e in cfg.sweep.encoders
     )
-    need = sweep_checkpoint_bytes(parameters, trial_count(cfg))
+    need = sweep_checkpoint_bytes(parameters, trial_count(cfg, folds))
     free = shutil.disk_usage(results).free
     if free < need:
         raise UserError(

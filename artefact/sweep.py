@@ -17,13 +17,14 @@ from pathlib import Path
 from artefact.cli import UI_HOST, UI_PORT
 from artefact.config import SweepRequest
 from artefact.config_files import dump_yaml
-from artefact.data.cache import cache_params, is_cache
+from artefact.data.cache import cache_params, fold_names, is_cache
 from artefact.data.prepare import ensure_cache
-from artefact.errors import SweepInterrupted
+from artefact.errors import SweepInterrupted, UserError
 from artefact.predict import log_best
-from artefact.preflight import validate
+from artefact.preflight import check_results_folder, validate
 from artefact.report.comparison import verdicts
 from artefact.report.figures import optuna_figures
+from artefact.report.folds import fold_markdown, fold_rows, render_fold_text, write_folds
 from artefact.report.leaderboard import failed_trials, leaderboard, render_text, write_leaderboard, write_plots
 from artefact.report.pareto import describe_front, front_rows, write_pareto
 from artefact.tracking.store import delete_sweep, finish_sweep, log_sweep_artifacts, open_sweep
@@ -39,11 +40,19 @@ PLOTS_FOLDER = "plots"
 
 
 def _with_cache_split(request: SweepRequest) -> SweepRequest:
-    """A prepared cache given as --data fixes the split: record the cache's values, not the profile's."""
+    """A prepared cache given as --data fixes the split: record the cache's values, not the
+    profile's. Its folds are used where the sweep asks for them (``data.cv``), and must match."""
     path = request.cfg.data.path
     if path is None or not is_cache(Path(path)):
         return request
-    return dataclasses.replace(request, cfg=request.cfg.replace(data=cache_params(Path(path))))
+    params = cache_params(Path(path))
+    asked, built = request.cfg.data.cv, params.pop("cv", None)
+    if asked is not None and asked != built:
+        raise UserError(
+            f"--cv {asked}: the prepared cache {path} has {f'folds by {built}' if built else 'no folds'};"
+            f" prepare it again with --cv {asked}, or pass its raw source as --data."
+        )
+    return dataclasses.replace(request, cfg=request.cfg.replace(data=params))
 
 
 def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
@@ -52,6 +61,9 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
     cfg = request.cfg
     sweep_dir = validate(request)
     cache = ensure_cache(cfg.data, request.workspace, log)
+    folds = fold_names(cache) if cfg.data.cv else []
+    if folds:
+        check_results_folder(request.results, cfg, len(folds))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "config.yaml").write_text(dump_yaml(cfg))
     (sweep_dir / "space.json").write_text(json.dumps(space_description(cfg), indent=2))
@@ -72,13 +84,16 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         log(f"sweep {request.name}: {cfg.sweep.mode} mode, profile {request.profile}, results in {sweep_dir}")
         resources = cluster.resources()
         log(f"Ray cluster: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
-        results = run_trials(cfg, cache, sweep_dir, request.name, tracking, request.resume, request.verbose)
+        if folds:
+            log(f"cross-validation by {cfg.data.cv}: {len(folds)} folds, each holding out one of {', '.join(folds)}")
+        results = run_trials(cfg, cache, sweep_dir, request.name, tracking, request.resume, request.verbose, len(folds))
         stopping_ray = cluster.stop_meanwhile()
         finished = results.num_terminated + results.num_errors
-        if finished < trial_count(cfg):
+        asked = trial_count(cfg, len(folds))
+        if finished < asked:
             status = "KILLED"
             raise SweepInterrupted(
-                f"sweep {request.name!r} stopped before all {trial_count(cfg)} trials finished; its state is saved."
+                f"sweep {request.name!r} stopped before all {asked} trials finished; its state is saved."
                 f" Continue it with the same command plus --resume --name {request.name}."
             )
         histories = trial_histories(tracking)
@@ -89,16 +104,25 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
             fail_orphaned_study_trials(sweep_dir, request.name)
         rows = leaderboard(summaries, cfg.sweep.mode, cfg.resources.workers_per_trial * cfg.resources.gpus_per_worker)
         judged = verdicts(summaries) if cfg.sweep.mode == "fair" else ([], [])
-        files = write_leaderboard(rows, summaries, cfg.sweep.mode, sweep_dir, judged)
+        by_fold = fold_rows(summaries, folds) if folds else []
+        appendix = fold_markdown(by_fold, folds) if by_fold else ""
+        files = write_leaderboard(rows, summaries, cfg.sweep.mode, sweep_dir, judged, appendix)
         front = front_rows(summaries, cfg.sweep.objectives) if cfg.sweep.objectives else []
         if front:
             files.append(write_pareto(front, cfg.sweep.objectives, sweep_dir))
         log_sweep_artifacts(tracking, files)
         plots = _write_plots(request, rows, summaries, histories, sweep_dir / PLOTS_FOLDER, log)
+        if by_fold:
+            *tables, heatmap = write_folds(by_fold, folds, sweep_dir, sweep_dir / PLOTS_FOLDER, cfg.data.cv)
+            files += tables
+            log_sweep_artifacts(tracking, tables)
+            plots.append(heatmap)
         log_sweep_artifacts(tracking, plots, PLOTS_FOLDER)
         best_model = log_best(tracking, summaries, cfg.sweep.metric)
         status = "FINISHED"
         log("\n" + render_text(rows, cfg.sweep.mode))
+        if by_fold:
+            log("\n" + render_fold_text(by_fold, folds))
         for line in [*judged[1], *(describe_front(front, cfg.sweep.objectives) if front else [])]:
             log(line)
         counts = {o: sum(s.outcome == o for s in summaries) for o in ("completed", "stopped_early", "failed")}

@@ -64,6 +64,11 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
         " img_per_s, peak_mem_mb) and report their Pareto\nfront; ASHA is off (it stops trials on one metric)",
     )
     parser.add_argument(
+        "--cv",
+        help="fair: cross-validate every encoder x seed on folds: content (hold each content\ntype out),"
+        " material (each material) or kfold:K (K folds of source images)",
+    )
+    parser.add_argument(
         "--name", help="sweep name (MLflow experiment, results/<name>); default: first free\n<profile>-<mode>-<n>"
     )
     parser.add_argument(
@@ -119,7 +124,9 @@ def resolve_profile(name: str | None) -> tuple[str, Path]:
 def build_config(args: argparse.Namespace) -> tuple[str, Path, Config]:
     """(profile name, profile file, config): the profile with the flags and --set applied."""
     profile, path = resolve_profile(args.profile)
-    flags = SweepFlags(args.mode, args.encoders, args.trials, args.seeds, args.epochs, args.data, args.objectives)
+    flags = SweepFlags(
+        args.mode, args.encoders, args.trials, args.seeds, args.epochs, args.data, args.objectives, args.cv
+    )
     return profile, path, load_config(path, args.overrides, flags)
 
 

@@ -87,7 +87,7 @@ def test_a_fair_leaderboard_writes_the_comparisons_and_a_search_does_not(tmp_pat
     (row,) = csv.DictReader((tmp_path / "fair" / "comparison.csv").open())
     assert (row["best"], row["encoder"], row["pairs"], row["tied"]) == ("mit_b3", "convnext_tiny", "3", "True")
     board = (tmp_path / "fair" / "leaderboard.md").read_text()
-    assert "Compared with the best, seed by seed:" in board
+    assert "Compared with the best on the same seeds (and folds):" in board
     assert "- mit_b3 and convnext_tiny are not separable on this data" in board
     assert "- Ranked first on the 3 shared seeds: mit_b3 100%, convnext_tiny 0%." in board
     assert judged[1][-1] == "Ranked first on the 3 shared seeds: mit_b3 100%, convnext_tiny 0%."

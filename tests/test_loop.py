@@ -47,6 +47,7 @@ def untrained_metrics(cfg: Config, cache: Path) -> dict[str, float]:
         cfg.data.resolution,
         cfg.train.batch_size,
         loop.Ranks(),
+        len(val_set),
     )[0]
 
 
@@ -231,7 +232,7 @@ def test_datasets_crop_and_pad_with_the_ignore_index(synthetic_cache: Path) -> N
 
     val_set = ValDataset(synthetic_cache, 64)
     assert len(val_set) == sum(r["split"] == "val" for r in index) == 10
-    image, mask, material = val_set[0]
+    image, mask, material, position = val_set[0]
     row = val_set.rows[0]
     assert image.shape[1] % 64 == 0 and image.shape[2] % 64 == 0
     assert image.shape[1] >= row["height"] and image.shape[1] - row["height"] < 64
@@ -239,7 +240,7 @@ def test_datasets_crop_and_pad_with_the_ignore_index(synthetic_cache: Path) -> N
     assert np.array_equal(mask[: row["height"], : row["width"]].numpy(), stored)
     assert (mask[row["height"] :, :] == IGNORE_INDEX).all() and (mask[:, row["width"] :] == IGNORE_INDEX).all()
     assert (image[:, row["height"] :, :] == 0).all()
-    assert val_set.materials[material] == row["material"]
+    assert val_set.materials[material] == row["material"] and position == 0
 
 
 def test_in_memory_store_serves_the_same_arrays(synthetic_cache: Path) -> None:

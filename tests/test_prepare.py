@@ -50,7 +50,17 @@ def test_cache_contents(tmp_path: Path) -> None:
     source = write_folder(tmp_path / "src", rows)
     out = prepare(source, tmp_path / "cache", PrepareParams(), **QUIET)
     with (out / "index.csv").open() as handle:
-        assert next(csv.reader(handle)) == ["id", "group", "material", "content", "split", "height", "width"]
+        assert next(csv.reader(handle)) == [
+            "id",
+            "group",
+            "material",
+            "content",
+            "split",
+            "fold",
+            "copy_of",
+            "height",
+            "width",
+        ]
     index = read_index(out)
     assert sorted(r["id"] for r in index) == [r.id for r in rows]
     manifest = json.loads((out / "manifest.json").read_text())

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from artefact.data.cache import read_index
+from artefact.data.cache import read_index, side_rows
 from artefact.errors import UserError
 from artefact.taxonomy import IGNORE_INDEX
 
@@ -65,18 +65,21 @@ class ArrayStore:
         return arrays
 
 
-def load_split(cache: Path, split: str) -> list[dict]:
-    rows = [row for row in read_index(cache) if row["split"] == split]
+def load_split(cache: Path, split: str, fold: int | None = None) -> list[dict]:
+    rows = side_rows(read_index(cache), split, fold)
     if not rows:
-        raise UserError(f"cache {cache} has no {split} images; re-run prepare with other split options.")
+        where = f"fold {fold}" if fold is not None else "split"
+        raise UserError(f"cache {cache} has no {split} images in its {where}; re-run prepare with other split options.")
     return rows
 
 
 class TrainDataset(Dataset):
     """``crops_per_image`` random crops of every training image per epoch."""
 
-    def __init__(self, cache: Path, resolution: int, crops_per_image: int = 1, in_memory: bool = False) -> None:
-        self.rows = load_split(cache, "train")
+    def __init__(
+        self, cache: Path, resolution: int, crops_per_image: int = 1, in_memory: bool = False, fold: int | None = None
+    ) -> None:
+        self.rows = load_split(cache, "train", fold)
         self.store = ArrayStore(cache, [r["id"] for r in self.rows], in_memory)
         self.crops_per_image = crops_per_image
         self.transform = A.Compose(
@@ -117,8 +120,8 @@ class TrainDataset(Dataset):
 class ValDataset(Dataset):
     """Whole validation images, padded with ignored pixels to a multiple of ``resolution``."""
 
-    def __init__(self, cache: Path, resolution: int, in_memory: bool = False) -> None:
-        self.rows = load_split(cache, "val")
+    def __init__(self, cache: Path, resolution: int, in_memory: bool = False, fold: int | None = None) -> None:
+        self.rows = load_split(cache, "val", fold)
         self.store = ArrayStore(cache, [r["id"] for r in self.rows], in_memory)
         self.resolution = resolution
         self.materials = sorted({r["material"] for r in self.rows})
@@ -126,7 +129,9 @@ class ValDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """(image, mask, material number, ``index``): the index places the image's scores in
+        the whole validation set when each DDP rank validates a shard of it."""
         row = self.rows[index]
         image, mask = self.store.get(row["id"])
         height, width = mask.shape
@@ -136,4 +141,9 @@ class ValDataset(Dataset):
         padded_image[:, :height, :width] = np.asarray(image).transpose(2, 0, 1)
         padded_mask = np.full((padded_h, padded_w), IGNORE_INDEX, dtype=np.uint8)
         padded_mask[:height, :width] = mask
-        return torch.from_numpy(padded_image), torch.from_numpy(padded_mask), self.materials.index(row["material"])
+        return (
+            torch.from_numpy(padded_image),
+            torch.from_numpy(padded_mask),
+            self.materials.index(row["material"]),
+            index,
+        )

@@ -26,6 +26,7 @@ from artefact.data.cache import (
     class_pixels,
     count_class_pixels,
     is_cache,
+    side_rows,
     write_class_pixels,
     write_index,
 )
@@ -33,7 +34,7 @@ from artefact.data.sources.folder import is_folder_source, read_folder
 from artefact.data.sources.parquet import read_parquet, shard_paths
 from artefact.data.sources.sample import Sample, check_mask, class_ids, decode
 from artefact.data.sources.synthetic import generate
-from artefact.data.split import GroupInfo, assign_splits
+from artefact.data.split import GroupInfo, assign_folds, assign_splits
 from artefact.errors import UserError
 
 AUGMENTATIONS = ("hflip", "vflip", "rot90")
@@ -73,16 +74,15 @@ def prepare(source: Path, out: Path, params: PrepareParams, log=print) -> Path:
     (partial / "masks").mkdir()
     try:
         rows = _write_samples(read_source(source, params.max_pixels), partial, params, log)
-        splits = assign_splits(
-            [GroupInfo(r["group"], r["material"], r["content"]) for r in rows],
-            params.val_fraction,
-            params.split_seed,
-            params.holdout,
-        )
+        groups = [GroupInfo(r["group"], r["material"], r["content"]) for r in rows]
+        splits = assign_splits(groups, params.val_fraction, params.split_seed, params.holdout)
+        folds, names = assign_folds(groups, params.cv, params.split_seed) if params.cv else ({}, [])
         for row in rows:
-            row["split"] = splits[row["group"]]
-        rows += _augment_training_side(rows, partial, params.augment_copies)
-        counts = {side: sum(r["split"] == side for r in rows) for side in ("train", "val")}
+            row["split"], row["fold"], row["copy_of"] = splits[row["group"]], folds.get(row["group"]), ""
+        # With folds every image trains somewhere, so every image gets its copies.
+        originals = rows if folds else [row for row in rows if row["split"] == "train"]
+        rows += _augment(originals, partial, params.augment_copies)
+        counts = {side: len(side_rows(rows, side)) for side in ("train", "val")}
         write_index(partial, rows)
         write_class_pixels(partial, count_class_pixels(partial, rows))
         manifest = {
@@ -91,6 +91,7 @@ def prepare(source: Path, out: Path, params: PrepareParams, log=print) -> Path:
             "source": str(source),
             "params": params.__dict__,
             "counts": counts,
+            "folds": names,
         }
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
     except BaseException:
@@ -100,6 +101,9 @@ def prepare(source: Path, out: Path, params: PrepareParams, log=print) -> Path:
         shutil.rmtree(out)
     os.replace(partial, out)
     log(f"prepared {out}: {counts['train']} train / {counts['val']} val images")
+    for fold, name in enumerate(names):
+        train, val = (len(side_rows(rows, side, fold)) for side in ("train", "val"))
+        log(f"  fold {fold} holds out {name}: {train} train / {val} val images")
     return out
 
 
@@ -173,10 +177,10 @@ def shrink_image(image: Image.Image, size: tuple[int, int], where: str) -> np.nd
     return np.asarray(image)
 
 
-def _augment_training_side(rows: list[dict], out: Path, copies: int) -> list[dict]:
-    """The seeds' offline x3 flips/rotation, written for training images only."""
+def _augment(rows: list[dict], out: Path, copies: int) -> list[dict]:
+    """The seeds' offline x3 flips/rotation of ``rows``, each marked as a copy of its image."""
     extra = []
-    for row in [r for r in rows if r["split"] == "train"]:
+    for row in rows:
         image = np.load(out / "images" / f"{row['id']}.npy")
         mask = np.load(out / "masks" / f"{row['id']}.npy")
         for name in AUGMENTATIONS[:copies]:
@@ -184,7 +188,9 @@ def _augment_training_side(rows: list[dict], out: Path, copies: int) -> list[dic
             new_image, new_mask = _apply(name, image), _apply(name, mask)
             np.save(out / "images" / f"{new_id}.npy", new_image)
             np.save(out / "masks" / f"{new_id}.npy", new_mask)
-            extra.append({**row, "id": new_id, "height": new_mask.shape[0], "width": new_mask.shape[1]})
+            extra.append(
+                {**row, "id": new_id, "copy_of": row["id"], "height": new_mask.shape[0], "width": new_mask.shape[1]}
+            )
     return extra
 
 

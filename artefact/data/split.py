@@ -1,4 +1,5 @@
-"""A deterministic train/validation split by source image, stratified by material.
+"""A deterministic train/validation split by source image, stratified by material, and the
+cross-validation folds (``data.cv``).
 
 Groups (source images) are never separated, so offline augmented copies of one image
 cannot land on both sides (POC-5.8's leak). Order comes from a seeded hash of the
@@ -12,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from artefact.config import CV_KINDS
 from artefact.errors import UserError
 
 
@@ -24,6 +26,46 @@ class GroupInfo:
 
 def _rank(seed: int, group: str) -> str:
     return hashlib.sha256(f"{seed}:{group}".encode()).hexdigest()
+
+
+def _first_value(groups: Sequence[GroupInfo], field: str) -> dict[str, str]:
+    """group -> one value of ``field`` for all its rows, chosen independently of row order."""
+    value_of: dict[str, str] = {}
+    for g in groups:
+        value_of[g.group] = min(value_of.get(g.group, getattr(g, field)), getattr(g, field))
+    return value_of
+
+
+def assign_folds(groups: Sequence[GroupInfo], cv: str, seed: int) -> tuple[dict[str, int], list[str]]:
+    """group -> the fold that validates it, and each fold's name: the held-out content type or
+    material (leave-one-out kinds), or ``part k of K`` (``kfold:K``: each material's groups dealt
+    round the folds in seeded order, so every fold gets its share of every material)."""
+    kind = CV_KINDS.fullmatch(cv)
+    if kind is None:
+        raise UserError(f"data.cv = {cv!r} is invalid: expected content, material or kfold:K.")
+    if kind.group(1):
+        value_of = _first_value(groups, kind.group(1))
+        names = sorted(set(value_of.values()))
+        if len(names) < 2:
+            raise UserError(
+                f"data.cv = {cv!r} holds each {kind.group(1)} out in turn, but this data has only one"
+                f" ({', '.join(map(repr, names))}): use data.cv=kfold:K, or drop data.cv."
+            )
+        return {group: names.index(value) for group, value in value_of.items()}, names
+    folds = int(kind.group(2))
+    material_of = _first_value(groups, "material")
+    if folds > len(material_of):
+        raise UserError(
+            f"data.cv = {cv!r} asks for {folds} folds, but the data has only {len(material_of)} source images; lower K."
+        )
+    by_material: dict[str, list[str]] = defaultdict(list)
+    for group, material in material_of.items():
+        by_material[material].append(group)
+    assignment: dict[str, int] = {}
+    for material in sorted(by_material):
+        for name in sorted(by_material[material], key=lambda group: _rank(seed, group)):
+            assignment[name] = len(assignment) % folds
+    return assignment, [f"part {k + 1} of {folds}" for k in range(folds)]
 
 
 def assign_splits(
@@ -44,11 +86,8 @@ def assign_splits(
             known = sorted({getattr(g, field) for g in groups})
             raise UserError(f"data.holdout = {holdout!r} matches no sample; {field} values here: {known}.")
     else:
-        # Several rows (samples) may share one group: count each group once, under one material
-        # chosen independently of row order.
-        material_of: dict[str, str] = {}
-        for g in groups:
-            material_of[g.group] = min(material_of.get(g.group, g.material), g.material)
+        # Several rows (samples) may share one group: count each group once, under one material.
+        material_of = _first_value(groups, "material")
         by_material: dict[str, list[str]] = defaultdict(list)
         for group, material in material_of.items():
             by_material[material].append(group)

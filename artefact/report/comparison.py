@@ -1,8 +1,8 @@
-"""Is the leader really better? In fair mode every encoder trains on the same seeds, so each
-one is compared with the best on those seeds, pair by pair: the mean difference in fine mIoU
-points, its 95% bootstrap interval, an exact paired permutation test, Holm-corrected across
-encoders; and how often each encoder ranks first. A leaderboard of means alone cannot say
-whether a point's lead is noise.
+"""Is the leader really better? In fair mode every encoder trains on the same seeds (and
+folds, with ``data.cv``), so each one is compared with the best on those, pair by pair: the
+mean difference in fine mIoU points, its 95% bootstrap interval, an exact paired permutation
+test, Holm-corrected across encoders; and how often each encoder ranks first. A leaderboard
+of means alone cannot say whether a point's lead is noise.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ RANDOM_FLIPS = 20_000
 
 @dataclass(frozen=True)
 class Comparison:
-    """The best encoder minus ``encoder``, in mIoU points, over their shared seeds."""
+    """The best encoder minus ``encoder``, in mIoU points, over their shared seeds (or fold x
+    seed pairs); with one pair no test is possible and the p-values are NaN."""
 
     encoder: str
     best: str
@@ -37,22 +38,29 @@ class Comparison:
     p_holm: float
     rivals: int
     """Encoders compared with the best: Holm multiplies the smallest p by this many."""
+    unit: str = "paired seeds"
+    """What a pair is, in the sentences: paired seeds, or fold x seed pairs."""
 
     @property
     def tied(self) -> bool:
-        """Not separable from the best at the 5% level, after Holm's correction."""
-        return self.p_holm >= ALPHA
+        """Not separable from the best at the 5% level, after Holm's correction (nor by one pair)."""
+        return not self.p_holm < ALPHA
 
     def sentence(self) -> str:
+        if self.pairs < 2:
+            return (
+                f"{self.best} leads {self.encoder} by Δ = {self.delta:.1f} points on a single pair: no test is"
+                " possible; run more seeds (--seeds) or folds (--cv)."
+            )
         interval = f"Δ = {self.delta:.1f} [{self.low:.1f}, {self.high:.1f}] points, p = {self.p_holm:.2g}"
         if not self.tied:
             winner, loser = (self.best, self.encoder) if self.delta > 0 else (self.encoder, self.best)
-            return f"{winner} beats {loser} on this data: {interval} ({self.pairs} paired seeds)."
+            return f"{winner} beats {loser} on this data: {interval} ({self.pairs} {self.unit})."
         verdict = f"{self.best} and {self.encoder} are not separable on this data: {interval}"
         needed = seeds_needed(self.rivals)
-        if self.pairs < needed:  # even a lead on every seed could not reach 5%
-            return f"{verdict}; {self.pairs} paired seeds cannot separate them at 5% ({needed} or more can)."
-        return f"{verdict} ({self.pairs} paired seeds)."
+        if self.pairs < needed:  # even a lead on every pair could not reach 5%
+            return f"{verdict}; {self.pairs} {self.unit} cannot separate them at 5% ({needed} or more can)."
+        return f"{verdict} ({self.pairs} {self.unit})."
 
 
 def seeds_needed(rivals: int) -> int:
@@ -64,18 +72,19 @@ def seeds_needed(rivals: int) -> int:
     return pairs
 
 
-def seed_scores(summaries: list[TrialSummary]) -> dict[str, dict[object, float]]:
-    """Each encoder's best fine mIoU per seed, from trials that were scored."""
+def pair_scores(summaries: list[TrialSummary]) -> dict[str, dict[object, float]]:
+    """Each encoder's best fine mIoU per seed (per (fold, seed) with folds), from trials that were scored."""
     scores: dict[str, dict[object, float]] = {}
     for summary in summaries:
         if summary.outcome != "failed" and METRIC in summary.best:
-            by_seed = scores.setdefault(str(summary.params.get("encoder")), {})
-            by_seed[summary.params.get("seed")] = summary.best[METRIC]
+            by_pair = scores.setdefault(str(summary.params.get("encoder")), {})
+            seed = summary.params.get("seed")
+            by_pair[seed if "fold" not in summary.params else (summary.params["fold"], seed)] = summary.best[METRIC]
     return scores
 
 
-def compare_with_best(scores: dict[str, dict[object, float]]) -> list[Comparison]:
-    """Every other encoder against the one with the highest mean, on the seeds both ran."""
+def compare_with_best(scores: dict[str, dict[object, float]], unit: str = "paired seeds") -> list[Comparison]:
+    """Every other encoder against the one with the highest mean, on the pairs both ran."""
     ranked = sorted(scores, key=lambda encoder: -statistics.fmean(scores[encoder].values()))
     if len(ranked) < 2:
         return []
@@ -87,10 +96,12 @@ def compare_with_best(scores: dict[str, dict[object, float]]) -> list[Comparison
             continue
         differences = [100 * (scores[best][seed] - scores[encoder][seed]) for seed in seeds]
         low, high = bootstrap_interval(differences)
-        raw.append((encoder, len(seeds), statistics.fmean(differences), low, high, permutation_p(differences)))
+        p_value = permutation_p(differences) if len(differences) > 1 else math.nan
+        raw.append((encoder, len(seeds), statistics.fmean(differences), low, high, p_value))
     adjusted = holm([row[-1] for row in raw])
     return [
-        Comparison(e, best, n, d, lo, hi, p, q, len(raw)) for (e, n, d, lo, hi, p), q in zip(raw, adjusted, strict=True)
+        Comparison(e, best, n, d, lo, hi, p, q, len(raw), unit)
+        for (e, n, d, lo, hi, p), q in zip(raw, adjusted, strict=True)
     ]
 
 
@@ -118,18 +129,20 @@ def bootstrap_interval(differences: list[float], confidence: float = 0.95) -> tu
 
 
 def holm(p_values: list[float]) -> list[float]:
-    """Holm's step-down adjustment: family-wise error held at the nominal level."""
-    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
-    adjusted = [0.0] * len(p_values)
+    """Holm's step-down adjustment: family-wise error held at the nominal level. A NaN (no
+    test was possible) stays NaN and is not counted."""
+    tested = [i for i, p in enumerate(p_values) if not math.isnan(p)]
+    order = sorted(tested, key=lambda i: p_values[i])
+    adjusted = [math.nan] * len(p_values)
     running = 0.0
     for rank, index in enumerate(order):
-        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
+        running = max(running, min(1.0, (len(tested) - rank) * p_values[index]))
         adjusted[index] = running
     return adjusted
 
 
 def first_place_share(scores: dict[str, dict[object, float]]) -> dict[str, float]:
-    """For the seeds every encoder ran: the share in which each one scored highest."""
+    """For the seeds (or fold x seed pairs) every encoder ran: the share in which each one scored highest."""
     shared = set.intersection(*(set(by_seed) for by_seed in scores.values())) if scores else set()
     wins = dict.fromkeys(scores, 0)
     for seed in shared:
@@ -139,12 +152,13 @@ def first_place_share(scores: dict[str, dict[object, float]]) -> dict[str, float
 
 def verdicts(summaries: list[TrialSummary]) -> tuple[list[Comparison], list[str]]:
     """A fair sweep's comparisons, and what the terminal and leaderboard.md say of them."""
-    scores = seed_scores(summaries)
-    comparisons = compare_with_best(scores)
+    scores = pair_scores(summaries)
+    folded = any("fold" in summary.params for summary in summaries)
+    comparisons = compare_with_best(scores, "fold × seed pairs" if folded else "paired seeds")
     lines = [comparison.sentence() for comparison in comparisons]
     share = first_place_share(scores)
     if lines and share:
-        seeds = len(set.intersection(*(set(by_seed) for by_seed in scores.values())))
-        ranked = sorted(share.items(), key=lambda item: -item[1])
-        lines.append(f"Ranked first on the {seeds} shared seeds: " + ", ".join(f"{e} {s:.0%}" for e, s in ranked) + ".")
+        pairs = len(set.intersection(*(set(by_pair) for by_pair in scores.values())))
+        ranked = ", ".join(f"{e} {s:.0%}" for e, s in sorted(share.items(), key=lambda item: -item[1]))
+        lines.append(f"Ranked first on the {pairs} shared {'fold × seed pairs' if folded else 'seeds'}: {ranked}.")
     return comparisons, lines

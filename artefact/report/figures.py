@@ -141,22 +141,31 @@ def speed_quality_scatter(points: list[tuple[str, float, float]], path: Path) ->
     return _save(figure, path)
 
 
-def iou_heatmap(rows: dict[str, dict[str, float]], path: Path) -> Path:
-    """Per-class IoU: one row per encoder, one column per fine class (blank: never seen)."""
+def iou_heatmap(
+    rows: dict[str, dict[str, float]],
+    path: Path,
+    columns: list[str] | tuple[str, ...] = FINE_NAMES,
+    title: str = "validation IoU per class (best trial per encoder)",
+    label: str = "IoU",
+    top: float | None = 1.0,
+) -> Path:
+    """One row per encoder, one column per fine class (or held-out fold); blank: never seen.
+    ``top``: the colour scale's top; None, the highest value (for differences between small values)."""
     encoders = list(rows)
-    values = np.array([[rows[e].get(name, math.nan) for name in FINE_NAMES] for e in encoders]).reshape(
-        len(encoders), len(FINE_NAMES)
+    values = np.array([[rows[e].get(name, math.nan) for name in columns] for e in encoders]).reshape(
+        len(encoders), len(columns)
     )
     figure = _new_figure(HEATMAP_SIZE)
     axes = figure.add_subplot()
-    image = axes.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-    axes.set_xticks(range(len(FINE_NAMES)), FINE_NAMES, rotation=45, ha="right", fontsize=9)
+    top = top if top is not None else float(np.nanmax(values, initial=0.0)) or 1.0
+    image = axes.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0.0, vmax=top, aspect="auto")
+    axes.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=9)
     axes.set_yticks(range(len(encoders)), encoders, fontsize=9)
     for row, col in zip(*np.nonzero(~np.isnan(values)), strict=True):
-        colour = "black" if values[row, col] > 0.6 else "white"
+        colour = "black" if values[row, col] > 0.6 * top else "white"
         axes.text(col, row, f"{values[row, col]:.2f}", ha="center", va="center", fontsize=7, color=colour)
-    axes.set_title("validation IoU per class (best trial per encoder)")
-    figure.colorbar(image, ax=axes, fraction=0.03, pad=0.02, label="IoU")
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes, fraction=0.03, pad=0.02, label=label)
     figure.tight_layout()
     return _save(figure, path)
 

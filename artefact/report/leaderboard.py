@@ -15,6 +15,7 @@ from pathlib import Path
 
 from artefact.report.comparison import Comparison
 from artefact.report.figures import iou_heatmap, speed_quality_scatter, validation_curves
+from artefact.report.intervals import encoder_interval
 from artefact.report.trials import TrialSummary
 from artefact.taxonomy import FINE_NAMES
 
@@ -31,9 +32,19 @@ MEASURED = {
 }
 """Leaderboard columns read from each trial's best epoch (and its cost), and their metric."""
 SCALE = {"params_m": 1e-6, "train_min": 1 / 60, "to_best_min": 1 / 60}
-COLUMNS = ("encoder", "trials", *MEASURED, "batch", "lr", "gpu_h")
+COLUMNS = (
+    "encoder",
+    "trials",
+    "miou_fine",
+    "miou_fine_ci95",
+    *(c for c in MEASURED if c != "miou_fine"),
+    "batch",
+    "lr",
+    "gpu_h",
+)
 """The seeds' tables stated cost next to quality: minutes per trial, to the best epoch, and
-the GPU-hours all of an encoder's trials took; ``batch`` and ``lr`` are what its trials ran at."""
+the GPU-hours all of an encoder's trials took; ``batch`` and ``lr`` are what its trials ran at.
+``miou_fine_ci95``: the 95% interval of the shown fine mIoU by bootstrap over validation images."""
 COMPARISON_FIELDS = [field.name for field in dataclasses.fields(Comparison)]
 
 
@@ -57,6 +68,7 @@ def leaderboard(summaries: list[TrialSummary], mode: str, gpus_per_trial: float)
             trials = [max(trials, key=lambda t: t.best.get("val/miou_fine", -math.inf))]
         for column, key in MEASURED.items():
             row[column] = _mean_std([t.best[key] * SCALE.get(column, 1.0) for t in trials if key in t.best])
+        row["miou_fine_ci95"] = encoder_interval(trials)
         row["batch"] = trials[0].params.get("batch_size")
         row["lr"] = trials[0].params.get("lr")
         seconds = sum(s.best.get("perf/train_s", 0.0) for s in summaries if s.params.get("encoder") == encoder)
@@ -75,6 +87,8 @@ def _cell(value: object, mode: str, column: str) -> str:
     digits = _DIGITS.get(column, 0)
     if value is None:
         return "-"
+    if column == "miou_fine_ci95":
+        return f"[{value[0]:.{digits}f}, {value[1]:.{digits}f}]"
     if isinstance(value, tuple):
         mean, std = value
         return f"{mean:.{digits}f} ± {std:.{digits}f}" if mode == "fair" else f"{mean:.{digits}f}"
@@ -87,6 +101,7 @@ def _cell(value: object, mode: str, column: str) -> str:
 
 _DIGITS = {
     "miou_fine": 4,
+    "miou_fine_ci95": 4,
     "miou_coarse": 4,
     "miou_binary": 4,
     "img_per_s": 1,
@@ -115,7 +130,7 @@ def render_text(rows: list[dict[str, object]], mode: str) -> str:
 def describe_config(params: dict[str, object]) -> str:
     """A trial's configuration, in the names of the settings a user would change."""
     parts = []
-    for key in ("encoder", "batch_size", "lr", "seed", "loss_kind", "class_weights"):
+    for key in ("encoder", "batch_size", "lr", "seed", "fold", "loss_kind", "class_weights"):
         if key in params:
             value = params[key]
             parts.append(f"{key}={value:.2g}" if isinstance(value, float) else f"{key}={value}")
@@ -127,15 +142,17 @@ def failed_trials(summaries: list[TrialSummary]) -> list[str]:
     return [f"{s.trial_id} ({describe_config(s.params)}): {s.reason}" for s in summaries if s.outcome == "failed"]
 
 
-def render_markdown(rows: list[dict[str, object]], mode: str, failures: list[str], sentences: list[str]) -> str:
+def render_markdown(
+    rows: list[dict[str, object]], mode: str, failures: list[str], sentences: list[str], appendix: str = ""
+) -> str:
     header, *body = format_table(rows, mode)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(line) + " |" for line in body]
     if sentences:
-        lines += ["", "Compared with the best, seed by seed:", "", *(f"- {line}" for line in sentences)]
+        lines += ["", "Compared with the best on the same seeds (and folds):", "", *(f"- {line}" for line in sentences)]
     if failures:
         lines += ["", "Failed trials (not ranked):", "", *(f"- {line}" for line in failures)]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + (f"\n{appendix}" if appendix else "")
 
 
 def write_leaderboard(
@@ -144,25 +161,28 @@ def write_leaderboard(
     mode: str,
     out: Path,
     judged: tuple[list[Comparison], list[str]] = ([], []),
+    appendix: str = "",
 ) -> list[Path]:
-    """leaderboard.csv (means and stds as separate columns), leaderboard.md and trials.csv;
-    with a fair sweep's comparisons (``comparison.verdicts``) also comparison.csv."""
+    """leaderboard.csv (means and stds as separate columns), leaderboard.md (with ``appendix``,
+    Markdown sections after the table) and trials.csv; with a fair sweep's comparisons
+    (``comparison.verdicts``) also comparison.csv."""
     out.mkdir(parents=True, exist_ok=True)
     comparisons, sentences = judged
     board_csv = out / "leaderboard.csv"
     with board_csv.open("w", newline="", encoding="utf-8") as handle:
-        plain = [c for c in COLUMNS if c not in MEASURED]
+        plain = [c for c in COLUMNS if c not in MEASURED and c != "miou_fine_ci95"]
         fields = ["rank", *plain] + [f"{c}{s}" for c in MEASURED for s in ("", "_std")]
-        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer = csv.DictWriter(handle, fieldnames=[*fields, "miou_fine_ci95_low", "miou_fine_ci95_high"])
         writer.writeheader()
         for rank, row in enumerate(rows, 1):
             record: dict[str, object] = {"rank": rank, **{c: "" if row[c] is None else row[c] for c in plain}}
             for column in MEASURED:
                 value = row[column]
                 record[column], record[f"{column}_std"] = value if isinstance(value, tuple) else ("", "")
+            record["miou_fine_ci95_low"], record["miou_fine_ci95_high"] = row["miou_fine_ci95"] or ("", "")
             writer.writerow(record)
     board_md = out / "leaderboard.md"
-    board_md.write_text(render_markdown(rows, mode, failed_trials(summaries), sentences), encoding="utf-8")
+    board_md.write_text(render_markdown(rows, mode, failed_trials(summaries), sentences, appendix), encoding="utf-8")
     written = [board_csv, board_md]
     if comparisons:
         written.append(out / "comparison.csv")

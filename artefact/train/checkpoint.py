@@ -16,6 +16,8 @@ import torch
 from artefact.errors import UserError
 
 CHECKPOINT_FILE = "checkpoint.pt"
+VAL_IMAGES_FILE = "val_confusion_per_image.npy"
+"""Beside each checkpoint: the fine head's confusion counts per validation image at that epoch."""
 CHECKPOINTS_KEPT = 2
 """Checkpoints Ray keeps per trial (the best by the sweep's metric, and the latest)."""
 STATE_COPIES = 3

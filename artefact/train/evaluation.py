@@ -87,10 +87,11 @@ def segment(
 
 @torch.no_grad()
 def validate(
-    model, loader, materials, preview_ids, normalise, criterion, dtype, resolution, chunk, ranks
-) -> tuple[dict[str, float], dict[str, torch.Tensor], list[Prediction]]:
-    """Metrics, confusion counts per head (summed over ranks) and predictions for the first
-    ``PREDICTION_IMAGES`` of ``preview_ids`` (empty on ranks other than 0)."""
+    model, loader, materials, preview_ids, normalise, criterion, dtype, resolution, chunk, ranks, images
+) -> tuple[dict[str, float], dict[str, torch.Tensor], np.ndarray, list[Prediction]]:
+    """Metrics, confusion counts per head (summed over ranks), the fine head's counts per
+    validation image (``images`` x 16 x 16, for the report's bootstrap over images) and
+    predictions for the first ``PREDICTION_IMAGES`` of ``preview_ids`` (empty on ranks other than 0)."""
     model.eval()
     device = normalise.device
     heads = list(criterion.head_weights)
@@ -99,9 +100,10 @@ def validate(
         for h in heads
     }
     by_material = torch.zeros(len(materials), len(FINE_NAMES), len(FINE_NAMES), dtype=torch.long, device=device)
+    per_image = torch.zeros(images, len(FINE_NAMES), len(FINE_NAMES), dtype=torch.long, device=device)
     loss_sum = torch.zeros(2, device=device)
     predictions: list[Prediction] = []
-    for index, (image, mask, material) in enumerate(loader):
+    for index, (image, mask, material, position) in enumerate(loader):
         targets = normalise.targets(mask, heads)
         logits = segment(model, image, normalise, dtype, resolution, chunk)
         loss, _ = criterion(logits, targets)
@@ -111,10 +113,11 @@ def validate(
             confusion[head] += cm
             if head == "fine":
                 by_material[int(material)] += cm
+                per_image[int(position)] = cm
         if index < min(PREDICTION_IMAGES, len(preview_ids)):
             predictions.append(_preview(preview_ids[index], image[0], mask[0], logits["fine"][0].argmax(0)))
     if ranks.distributed:
-        for cm in (*confusion.values(), by_material, loss_sum):
+        for cm in (*confusion.values(), by_material, per_image, loss_sum):
             dist.all_reduce(cm)
     metrics = {"val/loss": (loss_sum[0] / loss_sum[1].clamp_min(1)).item()}
     for head in heads:
@@ -125,7 +128,7 @@ def validate(
     for name, cm in zip(materials, by_material, strict=True):
         if cm.sum() > 0:
             metrics[f"val/miou_fine_by_material/{name}"] = mean_iou(cm)
-    return metrics, confusion, predictions
+    return metrics, confusion, per_image.cpu().numpy(), predictions
 
 
 def _preview(sample_id: str, image: torch.Tensor, truth: torch.Tensor, predicted: torch.Tensor) -> Prediction:

@@ -34,7 +34,7 @@ from artefact.losses import MultitaskLoss, class_weights
 from artefact.models import build_model, count_parameters, forward_gflop
 from artefact.report.figures import Evaluation
 from artefact.taxonomy import HEAD_CLASS_NAMES
-from artefact.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from artefact.train.checkpoint import CHECKPOINT_FILE, VAL_IMAGES_FILE, load_checkpoint, save_checkpoint
 from artefact.train.evaluation import Normaliser, validate
 from artefact.train.faults import planned_fault
 from artefact.train.hardware import amp_dtype, configure_kernels, peak_memory_mb, reset_peak_memory, select_device
@@ -83,8 +83,9 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
     if cfg.train.compile:
         net = torch.compile(net)
 
-    train_set = TrainDataset(cache, cfg.data.resolution, cfg.data.crops_per_image, cfg.data.in_memory)
-    val_set = ValDataset(cache, cfg.data.resolution, cfg.data.in_memory)
+    data = cfg.data
+    train_set = TrainDataset(cache, data.resolution, data.crops_per_image, data.in_memory, data.fold)
+    val_set = ValDataset(cache, data.resolution, data.in_memory, data.fold)
     train_loader = make_train_loader(cfg, train_set, ranks, device)
     steps_per_epoch = min(len(train_loader), cfg.train.steps_per_epoch or len(train_loader))
     val_shard = Subset(val_set, list(range(ranks.rank, len(val_set), ranks.world)))
@@ -124,7 +125,7 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
                 epoch,
             )
             train_seconds = time.perf_counter() - started
-            val_metrics, confusion, predictions = validate(
+            val_metrics, confusion, per_image, predictions = validate(
                 model,
                 val_loader,
                 val_set.materials,
@@ -135,6 +136,7 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
                 cfg.data.resolution,
                 cfg.train.batch_size,
                 ranks,
+                len(val_set),
             )
         images = train_metrics.pop("images")
         metrics = {
@@ -163,7 +165,7 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
                 "epoch": epoch,
                 "best": best,
             }
-        with _CheckpointFolder(state) as checkpoint_dir:
+        with _CheckpointFolder(state, per_image) as checkpoint_dir:
             reporter.report(metrics, checkpoint_dir, evaluation)
     return metrics
 
@@ -188,7 +190,7 @@ def build_loss(cfg: Config, cache: Path, device: torch.device) -> MultitaskLoss:
     come from the cache's training-side pixel counts, once per run."""
     weights = None
     if cfg.loss.class_weights != "none":
-        pixels = class_pixels(cache)
+        pixels = class_pixels(cache, cfg.data.fold)
         weights = {
             head: torch.tensor(
                 class_weights(pixels[head], cfg.loss.class_weights, cfg.loss.class_weight_clip), device=device
@@ -201,7 +203,7 @@ def build_loss(cfg: Config, cache: Path, device: torch.device) -> MultitaskLoss:
 def class_weight_table(cfg: Config, cache: Path) -> list[dict[str, object]]:
     """One row per head and class of the model: training pixels, their share of the head's
     labelled training pixels, and the loss weight ``build_loss`` gives the class."""
-    pixels = class_pixels(cache)
+    pixels = class_pixels(cache, cfg.data.fold)
     rows: list[dict[str, object]] = []
     for head in cfg.model.heads:
         counts = pixels[head]
@@ -324,10 +326,12 @@ def _take(loader: DataLoader, steps: int) -> Iterator:
 
 
 class _CheckpointFolder:
-    """A temporary folder holding this epoch's checkpoint (rank 0), removed after reporting."""
+    """A temporary folder holding this epoch's checkpoint (rank 0) and its validation counts
+    per image (for the report's bootstrap over images), removed after reporting."""
 
-    def __init__(self, state: dict | None) -> None:
+    def __init__(self, state: dict | None, per_image: np.ndarray) -> None:
         self.state = state
+        self.per_image = per_image
         self.path: Path | None = None
 
     def __enter__(self) -> Path | None:
@@ -335,6 +339,7 @@ class _CheckpointFolder:
             return None
         self.path = Path(tempfile.mkdtemp(prefix="artefact-ckpt-"))
         save_checkpoint(self.state, self.path / CHECKPOINT_FILE)
+        np.save(self.path / VAL_IMAGES_FILE, self.per_image)
         return self.path
 
     def __exit__(self, *exc_info) -> None:

@@ -97,6 +97,7 @@ def trial_params(cfg: Config) -> dict[str, object]:
         "loss_kind": cfg.loss.kind,
         "class_weights": cfg.loss.class_weights,
         **{f"loss_weight_{head}": round(weight, 6) for head, weight in weights.items()},
+        **({"cv": cfg.data.cv, "fold": cfg.data.fold} if cfg.data.fold is not None else {}),
     }
 
 

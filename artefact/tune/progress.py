@@ -38,8 +38,7 @@ class ProgressLog(tune.Callback):
             parts.append(f"bs={config['batch_size']}")
         if "lr" in config:
             parts.append(f"lr={config['lr']:.1e}")
-        if "seed" in config:
-            parts.append(f"seed={config['seed']}")
+        parts += [f"{key}={config[key]}" for key in ("seed", "fold") if key in config]
         parts += [f"{key}={config[key]}" for key in ("loss_kind", "class_weights") if key in config]
         return " ".join(parts)
 

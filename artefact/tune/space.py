@@ -24,10 +24,10 @@ SEARCHED_LOSS_FIELDS = {"loss_kind": "kind", "class_weights": "class_weights"}
 """Trial params (``sweep.search_loss_kinds``, ``sweep.search_class_weights``) -> their ``loss.*`` field."""
 
 
-def trial_count(cfg: Config) -> int:
-    """The number of trials a sweep asks for."""
+def trial_count(cfg: Config, folds: int = 0) -> int:
+    """The number of trials a sweep asks for, on a cache with ``folds`` folds (``data.cv``)."""
     if cfg.sweep.mode == "fair":
-        return len(cfg.sweep.encoders) * cfg.sweep.seeds
+        return len(cfg.sweep.encoders) * cfg.sweep.seeds * max(folds, 1)
     return cfg.sweep.trials
 
 
@@ -90,13 +90,14 @@ class SearchSpace:
             trial.suggest_categorical("class_weights", list(self.class_weights))
 
 
-def grid(cfg: Config) -> dict[str, Any]:
-    """Tune's param space: every encoder x seed in fair mode; empty in search mode, where
-    the searcher samples each trial's params."""
+def grid(cfg: Config, folds: int = 0) -> dict[str, Any]:
+    """Tune's param space: every encoder x seed (x fold, on a cache with folds) in fair mode;
+    empty in search mode, where the searcher samples each trial's params."""
     if cfg.sweep.mode == "fair":
         return {
             "encoder": tune.grid_search(list(cfg.sweep.encoders)),
             "seed": tune.grid_search(list(range(cfg.sweep.seeds))),
+            **({"fold": tune.grid_search(list(range(folds)))} if folds else {}),
         }
     return {}
 
@@ -136,6 +137,8 @@ def apply_trial_params(base: Config, params: dict[str, Any]) -> Config:
         params["encoder"], train.get("batch_size", base.train.batch_size), train.get("lr", base.train.lr)
     )
     sections: dict[str, Any] = {"model": {"encoder": params["encoder"]}, "train": train}
+    if "fold" in params:
+        sections["data"] = {"fold": params["fold"]}
     loss = {field: params[name] for name, field in SEARCHED_LOSS_FIELDS.items() if name in params}
     raw_weights = {head: params[f"w_{head}"] for head in base.model.heads if f"w_{head}" in params}
     if raw_weights:

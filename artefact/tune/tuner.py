@@ -146,9 +146,17 @@ def fail_orphaned_study_trials(sweep_dir: Path, name: str) -> None:
 
 
 def run_trials(
-    cfg: Config, cache: Path, sweep_dir: Path, name: str, sweep: SweepRun | None, resume: bool, verbose: bool = False
+    cfg: Config,
+    cache: Path,
+    sweep_dir: Path,
+    name: str,
+    sweep: SweepRun | None,
+    resume: bool,
+    verbose: bool = False,
+    folds: int = 0,
 ) -> tune.ResultGrid:
-    """Start (or resume) the sweep's Tuner on the connected Ray cluster and wait for it."""
+    """Start (or resume) the sweep's Tuner on the connected Ray cluster and wait for it;
+    ``folds``: the cache's cross-validation folds, each a grid dimension in fair mode."""
     concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
     context = TrialContext(cache=cache, storage=sweep_dir / TRAIN_FOLDER, sweep=sweep)
     tune.register_trainable(TRIAL_NAME, _trainable(cfg, context))
@@ -158,13 +166,13 @@ def run_trials(
     else:
         tuner = tune.Tuner(
             TRIAL_NAME,
-            param_space=grid(cfg),
+            param_space=grid(cfg, folds),
             tune_config=_tune_config(cfg, sweep_dir, name, concurrency),
             run_config=tune.RunConfig(
                 name=TUNE_FOLDER,
                 storage_path=str(sweep_dir.resolve()),
                 verbose=2 if verbose else 0,
-                callbacks=[] if verbose else [ProgressLog(trial_count(cfg), cfg.train.epochs, cfg.sweep.metric)],
+                callbacks=[] if verbose else [ProgressLog(trial_count(cfg, folds), cfg.train.epochs, cfg.sweep.metric)],
                 # One-worker trials are retried by Tune from their last checkpoint; DDP trials by Train.
                 failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures if in_process(cfg) else 0),
                 checkpoint_config=tune.CheckpointConfig(
