@@ -28,6 +28,7 @@ OBJECTIVES = {
     "miou_binary": ("val/miou_binary", "max"),
     "img_per_s": ("perf/img_per_s", "max"),
     "peak_mem_mb": ("perf/peak_mem_mb", "min"),
+    "gpu_hours": ("perf/gpu_hours", "min"),
 }
 """What ``sweep.objectives`` may name: a metric every epoch reports, and its direction."""
 HOLDOUT_FIELDS = ("material", "content")

@@ -123,6 +123,11 @@ def check_config(cfg: Config, local_profile: str | None = None) -> None:
             f"--cv {cfg.data.cv} needs --mode fair: folds compare encoders on one fixed configuration."
             " Search on one split first, then cross-validate its best encoders with --mode fair --cv."
         )
+    if "gpu_hours" in cfg.sweep.objectives and cfg.resources.gpus_per_worker == 0:
+        problems.add(
+            "sweep.objectives: gpu_hours is 0 for every trial of a profile without GPUs"
+            " (resources.gpus_per_worker = 0); use img_per_s to weigh speed on CPU."
+        )
     if cfg.data.path is not None and not Path(cfg.data.path).exists():
         problems.add(f"--data {cfg.data.path}: no such file or folder.")
     allocation = allocation_resources()

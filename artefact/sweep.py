@@ -17,7 +17,7 @@ from pathlib import Path
 from artefact.cli import UI_HOST, UI_PORT
 from artefact.config import SweepRequest
 from artefact.config_files import dump_yaml
-from artefact.data.cache import cache_params, fold_names, is_cache
+from artefact.data.cache import cache_params, fold_names, fold_sizes, is_cache
 from artefact.data.prepare import ensure_cache
 from artefact.errors import SweepInterrupted, UserError
 from artefact.predict import log_best
@@ -26,7 +26,7 @@ from artefact.report.comparison import verdicts
 from artefact.report.figures import optuna_figures
 from artefact.report.folds import fold_markdown, fold_rows, render_fold_text, write_folds
 from artefact.report.leaderboard import failed_trials, leaderboard, render_text, write_leaderboard, write_plots
-from artefact.report.pareto import describe_front, front_rows, write_pareto
+from artefact.report.pareto import describe_front, front_markdown, front_rows, write_pareto
 from artefact.tracking.store import delete_sweep, finish_sweep, log_sweep_artifacts, open_sweep
 from artefact.tracking.trials import close_open_trials, close_replaced_trials, close_trial, trial_histories
 from artefact.tracking.vocabulary import SweepRun, run_page
@@ -67,6 +67,10 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "config.yaml").write_text(dump_yaml(cfg))
     (sweep_dir / "space.json").write_text(json.dumps(space_description(cfg), indent=2))
+    described = [sweep_dir / "config.yaml", sweep_dir / "space.json", sweep_dir / "profile.yaml"]
+    if folds:
+        described.append(sweep_dir / "folds.json")
+        described[-1].write_text(json.dumps({"cv": cfg.data.cv, "folds": fold_sizes(cache)}, indent=2))
     tracking = open_sweep(
         request.tracking_uri,
         request.name,
@@ -76,7 +80,7 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
     stopping_ray: threading.Thread | None = None
     try:
         shutil.copyfile(request.profile_file, sweep_dir / "profile.yaml")
-        log_sweep_artifacts(tracking, [sweep_dir / "config.yaml", sweep_dir / "space.json", sweep_dir / "profile.yaml"])
+        log_sweep_artifacts(tracking, described)
         dashboard = cluster.connect(request.address, request.verbose)
         if dashboard:
             token = sweep_token_file(request.results, request.name)
@@ -105,9 +109,11 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         rows = leaderboard(summaries, cfg.sweep.mode, cfg.resources.workers_per_trial * cfg.resources.gpus_per_worker)
         judged = verdicts(summaries) if cfg.sweep.mode == "fair" else ([], [])
         by_fold = fold_rows(summaries, folds) if folds else []
-        appendix = fold_markdown(by_fold, folds) if by_fold else ""
-        files = write_leaderboard(rows, summaries, cfg.sweep.mode, sweep_dir, judged, appendix)
         front = front_rows(summaries, cfg.sweep.objectives) if cfg.sweep.objectives else []
+        appendix = (fold_markdown(by_fold, folds) if by_fold else "") + (
+            front_markdown(front, cfg.sweep.objectives) if front else ""
+        )
+        files = write_leaderboard(rows, summaries, cfg.sweep.mode, sweep_dir, judged, appendix)
         if front:
             files.append(write_pareto(front, cfg.sweep.objectives, sweep_dir))
         log_sweep_artifacts(tracking, files)

@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
     parser.add_argument(
         "--objectives",
         help="search on two or more objectives at once (comma-separated: miou_fine,\nmiou_coarse, miou_binary,"
-        " img_per_s, peak_mem_mb) and report their Pareto\nfront; ASHA is off (it stops trials on one metric)",
+        " img_per_s, peak_mem_mb,\ngpu_hours) and report their Pareto front; ASHA is off"
+        " (it stops\ntrials on one metric)",
     )
     parser.add_argument(
         "--cv",

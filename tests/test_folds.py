@@ -4,6 +4,7 @@ sweep's grid dimension, and reported fold by fold with intervals from the valida
 from __future__ import annotations
 
 import csv
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from builders import random_rows, run_cli, write_folder
+from mlflow.tracking import MlflowClient
 from sweep_helpers import import_script, run_bench, sweep_runs
 
 from artefact.data.cache import PrepareParams, class_pixels, fold_names, read_index, side_rows
@@ -194,7 +196,11 @@ def test_a_content_cv_sweep_trains_every_encoder_on_every_fold_and_reports_them(
     sweep = results / "cv"
     names = ["Artistic depiction", "Geometric patterns", "Line art", "Photographic depiction"]
     assert f"cross-validation by content: 4 folds, each holding out one of {', '.join(names)}" in done.stdout
-    _, children = sweep_runs(store, "cv")
+    recorded = json.loads((sweep / "folds.json").read_text())
+    assert recorded["cv"] == "content" and [fold["held_out"] for fold in recorded["folds"]] == names
+    assert all(fold["val_images"] == 12 and fold["train_images"] == 36 for fold in recorded["folds"])
+    parent, children = sweep_runs(store, "cv")
+    assert "folds.json" in {a.path for a in MlflowClient(f"sqlite:///{store}").list_artifacts(parent.info.run_id)}
     runs = Counter(
         (child.data.params["encoder"], child.data.params["fold"], child.data.params["cv"]) for child in children
     )

@@ -22,7 +22,7 @@ from artefact.errors import TrainingDiverged, TrialOutOfMemory, UserError
 from artefact.models import build_model
 from artefact.taxonomy import FINE_NAMES, IGNORE_INDEX
 from artefact.train import evaluation, loop
-from artefact.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from artefact.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from artefact.train.evaluation import predict_tiled
 from artefact.train.faults import FAULT_ENV, planned_fault
 from artefact.train.loop import train
@@ -109,7 +109,8 @@ def test_resume_continues_an_interrupted_run(tmp_path: Path, synthetic_cache: Pa
         train(cfg, synthetic_cache, _StopAfter(tmp_path, epochs=2))
     latest = tmp_path / "latest" / CHECKPOINT_FILE
     saved = load_checkpoint(latest)
-    assert saved["epoch"] == 1  # zero-based: two epochs done
+    assert saved["epoch"] == 1 and saved["gpu_seconds"] == 0.0  # zero-based: two epochs done, on no GPU
+    save_checkpoint({**saved, "gpu_seconds": 7200.0}, latest)  # as if the first attempt ran on a GPU for 2 h
 
     seen = {}
     original = loop._train_epoch
@@ -123,6 +124,7 @@ def test_resume_continues_an_interrupted_run(tmp_path: Path, synthetic_cache: Pa
     train(cfg, synthetic_cache, reporter, resume_from=latest)
 
     assert [h["epoch"] for h in reporter.history] == [3], "the resumed run starts at epoch 3"
+    assert reporter.history[0]["perf/gpu_hours"] == 2.0, "a restarted trial's cost counts its earlier attempts"
     assert seen["weights"].keys() == saved["model"].keys()
     for key, value in saved["model"].items():
         assert torch.equal(seen["weights"][key], value), f"{key} was not restored"

@@ -83,3 +83,6 @@ def test_a_two_objective_search_runs_optuna_on_both_and_reports_the_front(
     front = [row for row in rows if row["front"] == "True"]
     assert f"Pareto front (miou_fine ↑, img_per_s ↑): {len(front)} of 3 scored trials" in done.stdout
     assert all(f"  {row['trial_id']}  {row['encoder']}: miou_fine" in done.stdout for row in front)
+    board = (results / "pareto" / "leaderboard.md").read_text()
+    assert f"## Pareto front (miou_fine ↑, img_per_s ↑): {len(front)} of 3 scored trials" in board
+    assert all(f"- {row['trial_id']}  {row['encoder']}: miou_fine" in board for row in front)

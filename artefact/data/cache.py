@@ -89,6 +89,20 @@ def fold_names(cache: Path) -> list[str]:
     return json.loads((cache / MANIFEST).read_text()).get("folds", [])
 
 
+def fold_sizes(cache: Path) -> list[dict[str, object]]:
+    """Each fold: its number, what it holds out, and its training and validation images."""
+    rows = read_index(cache)
+    return [
+        {
+            "fold": fold,
+            "held_out": name,
+            "train_images": len(side_rows(rows, "train", fold)),
+            "val_images": len(side_rows(rows, "val", fold)),
+        }
+        for fold, name in enumerate(fold_names(cache))
+    ]
+
+
 def class_pixels(cache: Path, fold: int | None = None) -> dict[str, list[int]]:
     """Each head's labelled pixels per class id on the training side only: of the split, or
     of ``fold``.

@@ -25,6 +25,7 @@ from artefact.data.cache import (
     PrepareParams,
     class_pixels,
     count_class_pixels,
+    fold_sizes,
     is_cache,
     side_rows,
     write_class_pixels,
@@ -101,9 +102,9 @@ def prepare(source: Path, out: Path, params: PrepareParams, log=print) -> Path:
         shutil.rmtree(out)
     os.replace(partial, out)
     log(f"prepared {out}: {counts['train']} train / {counts['val']} val images")
-    for fold, name in enumerate(names):
-        train, val = (len(side_rows(rows, side, fold)) for side in ("train", "val"))
-        log(f"  fold {fold} holds out {name}: {train} train / {val} val images")
+    for fold in fold_sizes(out):
+        sizes = f"{fold['train_images']} train / {fold['val_images']} val images"
+        log(f"  fold {fold['fold']} holds out {fold['held_out']}: {sizes}")
     return out
 
 

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from artefact.report.pareto import pareto_front
 from artefact.taxonomy import BACKGROUND_COLOUR, FINE_CLASSES, FINE_NAMES, HEAD_CLASS_NAMES, IGNORE_INDEX, palette
 
 DPI = 100
@@ -122,9 +123,14 @@ def prediction_figure(prediction: Prediction, path: Path) -> Path:
 
 
 def speed_quality_scatter(points: list[tuple[str, float, float]], path: Path) -> Path:
-    """Fine mIoU against training img/s, one point per trial, coloured by encoder."""
+    """Fine mIoU against training img/s, one point per trial, coloured by encoder, with the
+    trials no other is both faster and better than joined as the front."""
     figure = _new_figure(SCATTER_SIZE)
     axes = figure.add_subplot()
+    on_front = pareto_front([(speed, score) for _, speed, score in points], ("max", "max"))
+    front = sorted((speed, score) for (_, speed, score), kept in zip(points, on_front, strict=True) if kept)
+    if len(front) > 1:
+        axes.plot(*zip(*front, strict=True), color="grey", linestyle="--", zorder=0, label="Pareto front")
     encoders = sorted({encoder for encoder, _, _ in points})
     colours = _encoder_colours(encoders)
     for encoder in encoders:

@@ -53,6 +53,12 @@ def write_pareto(rows: list[dict[str, object]], objectives: tuple[str, ...], out
     return path
 
 
+def front_markdown(rows: list[dict[str, object]], objectives: tuple[str, ...]) -> str:
+    """The leaderboard's section on the front: the trials on it, with their objectives."""
+    title, *front = describe_front(rows, objectives)
+    return f"## {title}\n\n" + "".join(f"- {line.strip()}\n" for line in front)
+
+
 def describe_front(rows: list[dict[str, object]], objectives: tuple[str, ...]) -> list[str]:
     """What the terminal says: the objectives with their directions, then each front trial."""
     arrows = ", ".join(f"{name} {'↑' if OBJECTIVES[name][1] == 'max' else '↓'}" for name in objectives)

@@ -97,9 +97,9 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
         optimizer, max_lr=cfg.train.lr, total_steps=cfg.train.epochs * steps_per_epoch
     )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    start_epoch, best = 0, -math.inf
+    start_epoch, best, gpu_seconds = 0, -math.inf, 0.0
     if resume_from is not None:
-        start_epoch, best = _restore(resume_from, model, optimizer, scheduler, scaler)
+        start_epoch, best, gpu_seconds = _restore(resume_from, model, optimizer, scheduler, scaler)
 
     normalise = Normaliser(device, cfg.train.channels_last)
     fault = planned_fault(cfg)
@@ -139,12 +139,15 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
                 len(val_set),
             )
         images = train_metrics.pop("images")
+        epoch_seconds = time.perf_counter() - started
+        gpu_seconds += epoch_seconds * ranks.world * (device.type == "cuda")
         metrics = {
             "epoch": epoch + 1,
             **train_metrics,
             **val_metrics,
             "perf/img_per_s": images / train_seconds,
-            "perf/epoch_s": time.perf_counter() - started,
+            "perf/epoch_s": epoch_seconds,
+            "perf/gpu_hours": gpu_seconds / 3600,
             "perf/peak_mem_mb": peak_memory_mb(device),
             "perf/workers": ranks.world,
             "model/params": parameters,
@@ -164,6 +167,7 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
                 "scaler": scaler.state_dict(),
                 "epoch": epoch,
                 "best": best,
+                "gpu_seconds": gpu_seconds,
             }
         with _CheckpointFolder(state, per_image) as checkpoint_dir:
             reporter.report(metrics, checkpoint_dir, evaluation)
@@ -226,8 +230,9 @@ def class_weight_table(cfg: Config, cache: Path) -> list[dict[str, object]]:
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "best")
 
 
-def _restore(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, float]:
-    """Load a checkpoint into the training state; returns (first epoch to run, best metric)."""
+def _restore(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, float, float]:
+    """Load a checkpoint into the training state; returns (first epoch to run, best metric,
+    GPU-seconds spent so far: a restarted trial's cost counts its earlier attempts)."""
     state = load_checkpoint(path)
     missing = [key for key in CHECKPOINT_KEYS if key not in state]
     if missing:
@@ -244,7 +249,7 @@ def _restore(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, floa
     else:
         # More (or fewer) epochs than before: keep the new schedule's shape, continue from the step reached.
         scheduler.last_epoch = saved["last_epoch"]
-    return state["epoch"] + 1, state["best"]
+    return state["epoch"] + 1, state["best"], state.get("gpu_seconds", 0.0)
 
 
 def _seed_everything(seed: int) -> None:
