@@ -128,10 +128,11 @@ def test_the_image_bootstrap_matches_hand_computed_intervals() -> None:
     counts = np.stack([right, wrong])
     assert batch_miou(counts).tolist() == [1.0, 0.0]
     assert batch_miou(counts.sum(0)) == pytest.approx(mean_iou(torch.from_numpy(counts.sum(0))))
-    # Resamples: {right, right} (1/4) scores 1, {wrong, wrong} (1/4) scores 0, mixed (1/2) 1/3.
-    low, high = image_interval([(None, counts)], confidence=0.4, rounds=4000)  # the 30% and 70% quantiles
-    assert (low, high) == (pytest.approx(1 / 3), pytest.approx(1 / 3))
-    assert image_interval([(None, counts)], rounds=4000) == (0.0, 1.0)
+    # Resamples: {right, right} (1/4) score 1, {wrong, wrong} (1/4) 0, mixed (1/2) 1/3, so the
+    # standard error is sqrt(1/4 + 1/18 - (5/12)^2) = 0.3632 around the score 1/3; z(75%) = 0.6745.
+    low, high = image_interval([(None, counts)], confidence=0.5, rounds=4000)
+    assert (low, high) == (pytest.approx(1 / 3 - 0.2450, abs=0.01), pytest.approx(1 / 3 + 0.2450, abs=0.01))
+    assert image_interval([(None, counts)], rounds=4000) == (0.0, 1.0), "1/3 ± 0.71, clipped to [0, 1]"
     same = np.stack([right, right, right])
     assert image_interval([(0, same), (1, same)]) == (1.0, 1.0), "equal images: a point interval"
     # Trials on one fold share each round's resample: two identical seeds do not narrow it.
@@ -229,4 +230,5 @@ def test_a_content_cv_sweep_trains_every_encoder_on_every_fold_and_reports_them(
         assert counts is not None and counts.shape == (12, 16, 16), VAL_IMAGES_FILE
         assert mean_iou(torch.from_numpy(counts.sum(0))) == pytest.approx(float(trial["val/miou_fine"]))
     for row in csv.DictReader((sweep / "leaderboard.csv").open()):
-        assert 0.0 <= float(row["miou_fine_ci95_low"]) < float(row["miou_fine_ci95_high"]) <= 1.0
+        low, high = float(row["miou_fine_ci95_low"]), float(row["miou_fine_ci95_high"])
+        assert 0.0 <= low < float(row["miou_fine"]) < high <= 1.0, "the interval is around the encoder's score"
