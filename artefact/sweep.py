@@ -106,7 +106,7 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         replaced = close_replaced_trials(tracking, histories, {s.trial_id for s in summaries})
         if cfg.sweep.mode == "search":
             fail_orphaned_study_trials(sweep_dir, request.name)
-        rows = leaderboard(summaries, cfg.sweep.mode, cfg.resources.workers_per_trial * cfg.resources.gpus_per_worker)
+        rows = leaderboard(summaries, cfg.sweep.mode, cfg.resources.gpus_per_worker > 0)
         judged = verdicts(summaries) if cfg.sweep.mode == "fair" else ([], [])
         by_fold = fold_rows(summaries, folds) if folds else []
         front = front_rows(summaries, cfg.sweep.objectives) if cfg.sweep.objectives else []

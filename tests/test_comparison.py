@@ -13,8 +13,8 @@ from artefact.report.comparison import (
     compare_with_best,
     first_place_share,
     holm,
+    pairs_needed,
     permutation_p,
-    seeds_needed,
     verdicts,
 )
 from artefact.report.leaderboard import leaderboard, write_leaderboard
@@ -82,7 +82,9 @@ def test_a_fair_leaderboard_writes_the_comparisons_and_a_search_does_not(tmp_pat
     summaries = [*_seeds("mit_b3", [0.30, 0.31, 0.32]), *_seeds("convnext_tiny", [0.29, 0.30, 0.31])]
     summaries.append(TrialSummary("x", {"encoder": "swin_tiny", "seed": 0}, "failed", 1, "boom"))  # never compared
     judged = verdicts(summaries)
-    files = write_leaderboard(leaderboard(summaries, "fair", 1.0), summaries, "fair", tmp_path / "fair", judged)
+    files = write_leaderboard(
+        leaderboard(summaries, "fair", uses_gpus=True), summaries, "fair", tmp_path / "fair", judged
+    )
     assert [f.name for f in files] == ["leaderboard.csv", "leaderboard.md", "comparison.csv", "trials.csv"]
     (row,) = csv.DictReader((tmp_path / "fair" / "comparison.csv").open())
     assert (row["best"], row["encoder"], row["pairs"], row["tied"]) == ("mit_b3", "convnext_tiny", "3", "True")
@@ -92,7 +94,9 @@ def test_a_fair_leaderboard_writes_the_comparisons_and_a_search_does_not(tmp_pat
     assert "- Ranked first on the 3 shared seeds: mit_b3 100%, convnext_tiny 0%." in board
     assert judged[1][-1] == "Ranked first on the 3 shared seeds: mit_b3 100%, convnext_tiny 0%."
 
-    searched = write_leaderboard(leaderboard(summaries, "search", 1.0), summaries, "search", tmp_path / "search")
+    searched = write_leaderboard(
+        leaderboard(summaries, "search", uses_gpus=True), summaries, "search", tmp_path / "search"
+    )
     assert "comparison.csv" not in [f.name for f in searched]
     assert "Compared with the best" not in (tmp_path / "search" / "leaderboard.md").read_text()
 
@@ -104,7 +108,7 @@ def test_many_pairs_use_random_flips_and_never_report_p_zero() -> None:
 
 
 def test_the_seeds_a_verdict_needs_grow_with_the_encoders_holm_counts() -> None:
-    assert [seeds_needed(rivals) for rivals in (1, 2, 4, 8)] == [6, 7, 8, 9]
+    assert [pairs_needed(rivals) for rivals in (1, 2, 4, 8)] == [6, 7, 8, 9]
     scores = {name: {seed: base + 0.01 * seed for seed in range(7)} for name, base in (("a", 0.5), ("b", 0.4))}
     scores.update({name: {seed: 0.3 for seed in range(7)} for name in ("c", "d", "e")})
     comparisons = compare_with_best(scores)  # poc58's five encoders: four rivals, so 7 seeds cannot separate

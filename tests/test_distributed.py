@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from artefact.data.dataset import load_split
+from artefact.taxonomy import IGNORE_INDEX
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -17,12 +21,14 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import json, sys
 from pathlib import Path
+import numpy as np
 from artefact.tune.ray_env import prepare_local_cluster
 
 prepare_local_cluster(Path(sys.argv[3]))
 import ray
 from ray._private.state import actors  # from GCS: this cluster has no dashboard for ray.util.state
 from artefact.config import Config
+from artefact.train.checkpoint import VAL_IMAGES_FILE
 from artefact.tune.ddp import build_trainer
 from artefact.tune.trial import TrialContext
 
@@ -37,6 +43,8 @@ for workers, batch in ((1, 8), (2, 4)):
     cfg = base.replace(train={"batch_size": batch}, resources={"workers_per_trial": workers, "cpus_per_worker": 0.95})
     result = build_trainer(cfg, TrialContext(Path(sys.argv[1]), Path(sys.argv[2])), f"ddp-{workers}").fit()
     out[workers] = result.metrics
+    counts = np.load(Path(result.checkpoint.path) / VAL_IMAGES_FILE)  # fine counts per validation image
+    out[f"labelled-{workers}"] = counts.sum(axis=(1, 2)).tolist()
 out["actor_classes"] = sorted({actor["ActorClassName"] for actor in actors().values()})  # dead ones too
 print("RESULT " + json.dumps(out))
 """
@@ -61,6 +69,12 @@ def test_two_worker_ddp_matches_one_worker(tmp_path: Path, synthetic_cache: Path
     assert two["train/loss"] == pytest.approx(one["train/loss"], rel=0.05)
     for head in ("fine", "coarse", "binary"):
         assert two[f"val/miou_{head}"] == pytest.approx(one[f"val/miou_{head}"], abs=0.03)
+    # Each rank validated its shard, and the summed counts hold every image once, in its place.
+    labelled = [
+        int((np.load(synthetic_cache / "masks" / f"{row['id']}.npy") != IGNORE_INDEX).sum())
+        for row in load_split(synthetic_cache, "val")
+    ]
+    assert metrics["labelled-2"] == metrics["labelled-1"] == labelled
     # Train's own helpers ran, but not its preemption watcher, which these clusters have no use for.
     assert "TrainController" in metrics["actor_classes"], metrics["actor_classes"]
     assert "PreemptionWatcher" not in metrics["actor_classes"], metrics["actor_classes"]

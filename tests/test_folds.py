@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from builders import random_rows, run_cli, write_folder
+from builders import random_rows, run_cli, small_config, write_folder
 from mlflow.tracking import MlflowClient
 from sweep_helpers import import_script, run_bench, sweep_runs
 
@@ -19,11 +19,14 @@ from artefact.data.cache import PrepareParams, class_pixels, fold_names, read_in
 from artefact.data.prepare import prepare
 from artefact.errors import UserError
 from artefact.metrics import mean_iou
+from artefact.report.comparison import compare_with_best, holm, paired_differences, verdicts
 from artefact.report.folds import fold_rows, write_folds
 from artefact.report.intervals import batch_miou, image_interval, per_image_counts
 from artefact.report.trials import TrialSummary
 from artefact.taxonomy import HEAD_LUTS
 from artefact.train.checkpoint import VAL_IMAGES_FILE
+from artefact.train.loop import train
+from artefact.train.reporters import LocalReporter
 
 QUIET = {"log": lambda *_: None}
 CONTENTS = ("Line art", "Artistic depiction", "Geometric patterns")
@@ -52,7 +55,7 @@ def test_every_fold_keeps_source_images_whole_and_validates_each_once(source: Pa
     originals = [row for row in rows if not row["copy_of"]]
     assert len(originals) == 18 and len(rows) == 18 * 3, "with folds, every image gets its copies"
     expected = {"content": sorted(CONTENTS), "material": ["Glass", "Paper", "Textile", "Wood"]}
-    assert names == expected.get(cv, ["part 1 of 3", "part 2 of 3", "part 3 of 3"])
+    assert names == expected.get(cv, ["group 0", "group 1", "group 2"])
     validated: Counter[str] = Counter()
     for fold, name in enumerate(names):
         train, val = side_rows(rows, "train", fold), side_rows(rows, "val", fold)
@@ -82,8 +85,20 @@ def test_each_fold_weights_its_loss_by_its_own_training_pixels(source: Path, tmp
         expected = [int(fine[HEAD_LUTS["coarse"] == class_id].sum()) for class_id in range(4)]
         assert class_pixels(cache, fold)["coarse"] == expected
     assert class_pixels(cache, 0) != class_pixels(cache, 1)
-    with pytest.raises(UserError, match="data.fold = 7: cache .* has folds"):
+    with pytest.raises(UserError, match="data.fold = 7: the cache .* has folds 0 to 2"):
         class_pixels(cache, 7)
+
+
+def test_a_fold_the_cache_lacks_is_refused_before_training(source: Path, tmp_path: Path, bad_input_tried) -> None:
+    cache = prepare(source, tmp_path / "cache", PrepareParams(cv="kfold:3"), **QUIET)
+    for fold, weighting in ((3, "none"), (7, "inverse_sqrt")):
+        cfg = small_config(data={"cv": "kfold:3", "fold": fold}, loss={"class_weights": weighting})
+        with pytest.raises(UserError, match=rf"data.fold = {fold}: the cache {cache} has folds 0 to 2\.$"):
+            train(cfg, cache, LocalReporter(tmp_path / "out", **QUIET))
+    plain = prepare(source, tmp_path / "plain", PrepareParams(), **QUIET)
+    with pytest.raises(UserError, match=r"has no folds \(prepare it with --cv\)"):
+        train(small_config(data={"cv": "content", "fold": 0}), plain, LocalReporter(tmp_path / "out", **QUIET))
+    bad_input_tried("data.fold outside the cache's folds")
 
 
 def test_fold_kinds_the_data_cannot_give_are_refused_in_one_line(tmp_path: Path, bad_input_tried) -> None:
@@ -141,16 +156,42 @@ def test_the_image_bootstrap_matches_hand_computed_intervals() -> None:
 
 
 def test_one_pair_gets_no_p_value_and_the_sentence_says_why() -> None:
-    from artefact.report.comparison import compare_with_best, holm
-
-    (comparison,) = compare_with_best({"a": {(0, 0): 0.40}, "b": {(0, 0): 0.35}}, "fold × seed pairs")
-    assert comparison.pairs == 1 and np.isnan(comparison.p_value) and comparison.tied
+    (comparison,) = compare_with_best(
+        {"a": {(0, 0): 0.40, (0, 1): 0.42}, "b": {(0, 0): 0.35, (0, 1): 0.33}}, "paired folds"
+    )
+    assert comparison.pairs == 1 and comparison.delta == pytest.approx(7.0), "two seeds on one fold: one pair"
+    assert np.isnan(comparison.p_value) and comparison.tied
     assert comparison.sentence() == (
-        "a leads b by Δ = 5.0 points on a single pair: no test is possible; run more seeds (--seeds) or folds (--cv)."
+        "a leads b by Δ = 7.0 points on a single pair: no test is possible; run more folds (--cv material or kfold:K)."
     )
     assert holm([0.01, float("nan"), 0.04])[::2] == [0.02, 0.04] and np.isnan(holm([float("nan")])[0])
     (equal,) = compare_with_best({"a": {k: 0.3 for k in range(6)}, "b": {k: 0.3 for k in range(6)}})
     assert equal.delta == 0.0 and equal.p_value == 1.0 and "not separable" in equal.sentence()
+
+
+def test_folds_not_fold_seed_runs_are_the_pairs_and_a_missing_fold_is_named() -> None:
+    # Seeds on a fold share its images: their differences are averaged into one pair per fold.
+    best = {(fold, seed): 0.40 + 0.01 * fold + 0.002 * seed for fold in range(4) for seed in range(3)}
+    rival = {key: score - 0.02 for key, score in best.items()}
+    assert paired_differences(best, rival) == pytest.approx([2.0] * 4)
+    rival[(3, 0)] += 0.03  # one seed of fold 3 goes the other way: that fold's mean, not three flips
+    assert paired_differences(best, rival) == pytest.approx([2.0, 2.0, 2.0, 1.0])
+    (comparison,) = compare_with_best({"a": best, "b": rival}, "paired folds")
+    assert comparison.pairs == 4 and comparison.p_value == pytest.approx(2 / 16) and comparison.rivals == 1
+    assert comparison.sentence().endswith("4 paired folds cannot separate them at 5% (6 or more can).")
+
+    def trial(encoder: str, fold: int, score: float) -> TrialSummary:
+        return TrialSummary(
+            f"{encoder}{fold}",
+            {"encoder": encoder, "fold": fold, "seed": 0},
+            "completed",
+            1,
+            best={"val/miou_fine": score},
+        )
+
+    summaries = [trial("a", fold, 0.3) for fold in range(4)] + [trial("b", fold, 0.5) for fold in range(3)]
+    _, lines = verdicts(summaries)
+    assert "b was scored on 3 of 4 fold × seed runs: its mean leaves out the failed ones." in lines
 
 
 def test_the_fold_view_names_each_encoders_worst_fold(tmp_path: Path) -> None:
@@ -214,8 +255,8 @@ def test_a_content_cv_sweep_trains_every_encoder_on_every_fold_and_reports_them(
     assert "## IoU per class on each encoder's worst fold" in board
     assert "fine mIoU per held-out fold (mean over seeds):" in done.stdout
     (comparison,) = csv.DictReader((sweep / "comparison.csv").open())
-    assert comparison["pairs"] == "4" and comparison["unit"] == "fold × seed pairs"
-    assert "(4 fold × seed pairs)" in done.stdout or "4 fold × seed pairs cannot separate" in done.stdout
+    assert comparison["pairs"] == "4" and comparison["unit"] == "paired folds"
+    assert "4 paired folds cannot separate them at 5% (6 or more can)." in done.stdout
     assert len(list(csv.DictReader((sweep / "folds.csv").open()))) == 8
     assert (sweep / "plots" / "folds.png").stat().st_size > 0
 

@@ -26,6 +26,7 @@ def _trial(trial_id: str, encoder: str, score: float, train_s: float, outcome: s
         "model/params": 3e7,
         "perf/train_s": train_s,
         "perf/to_best_s": train_s / 2,
+        "perf/gpu_hours": train_s / 3600,  # one GPU
     }
     params = {"encoder": encoder, "batch_size": 32 if encoder == "mit_b3" else 96, "lr": 1e-3}
     return TrialSummary(trial_id, params, outcome, 50, None if outcome != "failed" else "boom", best)
@@ -38,7 +39,7 @@ def test_fair_rows_state_minutes_per_trial_to_the_best_epoch_and_the_encoders_gp
         _trial("c", "mit_b3", 0.37, 3600),
         _trial("d", "mit_b3", 0.0, 600, outcome="failed"),  # paid for, never ranked
     ]
-    rows = leaderboard(summaries, "fair", gpus_per_trial=1.0)
+    rows = leaderboard(summaries, "fair", uses_gpus=True)
     assert [row["encoder"] for row in rows] == ["mit_b3", "convnext_tiny"]
     mit, convnext = rows
     assert mit["trials"] == 1 and mit["gpu_h"] == pytest.approx((3600 + 600) / 3600)
@@ -55,7 +56,7 @@ def test_fair_rows_state_minutes_per_trial_to_the_best_epoch_and_the_encoders_gp
 
 
 def test_cpu_trials_have_no_gpu_hours() -> None:
-    (row,) = leaderboard([_trial("a", "tu-test_convnext", 0.1, 60)], "search", gpus_per_trial=0.0)
+    (row,) = leaderboard([_trial("a", "tu-test_convnext", 0.1, 60)], "search", uses_gpus=False)
     assert row["gpu_h"] is None and row["train_min"] == (1.0, 0.0)
     assert render_text([row], "search").splitlines()[2].rstrip().endswith("-")
 

@@ -89,6 +89,14 @@ def fold_names(cache: Path) -> list[str]:
     return json.loads((cache / MANIFEST).read_text()).get("folds", [])
 
 
+def check_fold(cache: Path, fold: int | None) -> None:
+    """A run's ``data.fold`` must be one of its cache's folds."""
+    folds = len(fold_names(cache))
+    if fold is not None and fold >= folds:
+        kinds = f"folds 0 to {folds - 1}" if folds else "no folds (prepare it with --cv)"
+        raise UserError(f"data.fold = {fold}: the cache {cache} has {kinds}.")
+
+
 def fold_sizes(cache: Path) -> list[dict[str, object]]:
     """Each fold: its number, what it holds out, and its training and validation images."""
     rows = read_index(cache)
@@ -120,8 +128,7 @@ def class_pixels(cache: Path, fold: int | None = None) -> dict[str, list[int]]:
             pass
     if fold is None:
         return record["pixels"]
-    if str(fold) not in record.get("folds", {}):
-        raise UserError(f"data.fold = {fold}: cache {cache} has folds {list(record.get('folds', {}))}.")
+    check_fold(cache, fold)
     return record["folds"][str(fold)]
 
 

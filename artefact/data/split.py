@@ -28,7 +28,7 @@ def _rank(seed: int, group: str) -> str:
     return hashlib.sha256(f"{seed}:{group}".encode()).hexdigest()
 
 
-def _first_value(groups: Sequence[GroupInfo], field: str) -> dict[str, str]:
+def _group_value(groups: Sequence[GroupInfo], field: str) -> dict[str, str]:
     """group -> one value of ``field`` for all its rows, chosen independently of row order."""
     value_of: dict[str, str] = {}
     for g in groups:
@@ -38,13 +38,13 @@ def _first_value(groups: Sequence[GroupInfo], field: str) -> dict[str, str]:
 
 def assign_folds(groups: Sequence[GroupInfo], cv: str, seed: int) -> tuple[dict[str, int], list[str]]:
     """group -> the fold that validates it, and each fold's name: the held-out content type or
-    material (leave-one-out kinds), or ``part k of K`` (``kfold:K``: each material's groups dealt
+    material (leave-one-out kinds), or ``group k`` (``kfold:K``: each material's groups dealt
     round the folds in seeded order, so every fold gets its share of every material)."""
     kind = CV_KINDS.fullmatch(cv)
-    if kind is None:
-        raise UserError(f"data.cv = {cv!r} is invalid: expected content, material or kfold:K.")
+    if kind is None or int(kind[2] or 2) < 2:
+        raise UserError(f"data.cv = {cv!r} is invalid: expected content, material or kfold:K with K >= 2.")
     if kind.group(1):
-        value_of = _first_value(groups, kind.group(1))
+        value_of = _group_value(groups, kind.group(1))
         names = sorted(set(value_of.values()))
         if len(names) < 2:
             raise UserError(
@@ -53,7 +53,7 @@ def assign_folds(groups: Sequence[GroupInfo], cv: str, seed: int) -> tuple[dict[
             )
         return {group: names.index(value) for group, value in value_of.items()}, names
     folds = int(kind.group(2))
-    material_of = _first_value(groups, "material")
+    material_of = _group_value(groups, "material")
     if folds > len(material_of):
         raise UserError(
             f"data.cv = {cv!r} asks for {folds} folds, but the data has only {len(material_of)} source images; lower K."
@@ -65,7 +65,7 @@ def assign_folds(groups: Sequence[GroupInfo], cv: str, seed: int) -> tuple[dict[
     for material in sorted(by_material):
         for name in sorted(by_material[material], key=lambda group: _rank(seed, group)):
             assignment[name] = len(assignment) % folds
-    return assignment, [f"part {k + 1} of {folds}" for k in range(folds)]
+    return assignment, [f"group {k}" for k in range(folds)]
 
 
 def assign_splits(
@@ -87,7 +87,7 @@ def assign_splits(
             raise UserError(f"data.holdout = {holdout!r} matches no sample; {field} values here: {known}.")
     else:
         # Several rows (samples) may share one group: count each group once, under one material.
-        material_of = _first_value(groups, "material")
+        material_of = _group_value(groups, "material")
         by_material: dict[str, list[str]] = defaultdict(list)
         for group, material in material_of.items():
             by_material[material].append(group)

@@ -3,6 +3,10 @@ folds, with ``data.cv``), so each one is compared with the best on those, pair b
 mean difference in fine mIoU points, its 95% bootstrap interval, an exact paired permutation
 test, Holm-corrected across encoders; and how often each encoder ranks first. A leaderboard
 of means alone cannot say whether a point's lead is noise.
+
+With folds the pairs are folds, each the mean over its shared seeds: seeds on one fold are
+scored on the same images, so treating every fold x seed as independent would make the
+p-values too small and the intervals too narrow.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import itertools
 import math
 import random
 import statistics
+from collections import defaultdict
 from dataclasses import dataclass
 
 from artefact.report.trials import TrialSummary
@@ -25,8 +30,8 @@ RANDOM_FLIPS = 20_000
 
 @dataclass(frozen=True)
 class Comparison:
-    """The best encoder minus ``encoder``, in mIoU points, over their shared seeds (or fold x
-    seed pairs); with one pair no test is possible and the p-values are NaN."""
+    """The best encoder minus ``encoder``, in mIoU points, over their shared seeds (or folds);
+    with one pair no test is possible and the p-values are NaN."""
 
     encoder: str
     best: str
@@ -37,9 +42,9 @@ class Comparison:
     p_value: float
     p_holm: float
     rivals: int
-    """Encoders compared with the best: Holm multiplies the smallest p by this many."""
+    """Encoders tested against the best: Holm multiplies the smallest p by this many."""
     unit: str = "paired seeds"
-    """What a pair is, in the sentences: paired seeds, or fold x seed pairs."""
+    """What a pair is, in the sentences: ``paired seeds`` or ``paired folds``."""
 
     @property
     def tied(self) -> bool:
@@ -48,22 +53,23 @@ class Comparison:
 
     def sentence(self) -> str:
         if self.pairs < 2:
+            more = "more folds (--cv material or kfold:K)" if self.unit == "paired folds" else "more seeds (--seeds)"
             return (
                 f"{self.best} leads {self.encoder} by Δ = {self.delta:.1f} points on a single pair: no test is"
-                " possible; run more seeds (--seeds) or folds (--cv)."
+                f" possible; run {more}."
             )
         interval = f"Δ = {self.delta:.1f} [{self.low:.1f}, {self.high:.1f}] points, p = {self.p_holm:.2g}"
         if not self.tied:
             winner, loser = (self.best, self.encoder) if self.delta > 0 else (self.encoder, self.best)
             return f"{winner} beats {loser} on this data: {interval} ({self.pairs} {self.unit})."
         verdict = f"{self.best} and {self.encoder} are not separable on this data: {interval}"
-        needed = seeds_needed(self.rivals)
+        needed = pairs_needed(self.rivals)
         if self.pairs < needed:  # even a lead on every pair could not reach 5%
             return f"{verdict}; {self.pairs} {self.unit} cannot separate them at 5% ({needed} or more can)."
         return f"{verdict} ({self.pairs} {self.unit})."
 
 
-def seeds_needed(rivals: int) -> int:
+def pairs_needed(rivals: int) -> int:
     """The fewest pairs whose exact test, Holm-adjusted over ``rivals`` comparisons, can reach
     5%: a lead on every pair has p = 2 / 2^n, multiplied by ``rivals`` at worst."""
     pairs = 1
@@ -83,6 +89,18 @@ def pair_scores(summaries: list[TrialSummary]) -> dict[str, dict[object, float]]
     return scores
 
 
+def paired_differences(best: dict[object, float], rival: dict[object, float]) -> list[float]:
+    """``best`` minus ``rival`` in points on each run both scored; with folds (keys (fold,
+    seed)), one difference per fold: the mean over its shared seeds."""
+    shared = sorted(set(best) & set(rival), key=str)
+    if not shared or not isinstance(shared[0], tuple):
+        return [100 * (best[key] - rival[key]) for key in shared]
+    by_fold: dict[object, list[float]] = defaultdict(list)
+    for fold, seed in shared:
+        by_fold[fold].append(100 * (best[(fold, seed)] - rival[(fold, seed)]))
+    return [statistics.fmean(differences) for differences in by_fold.values()]
+
+
 def compare_with_best(scores: dict[str, dict[object, float]], unit: str = "paired seeds") -> list[Comparison]:
     """Every other encoder against the one with the highest mean, on the pairs both ran."""
     ranked = sorted(scores, key=lambda encoder: -statistics.fmean(scores[encoder].values()))
@@ -91,16 +109,16 @@ def compare_with_best(scores: dict[str, dict[object, float]], unit: str = "paire
     best = ranked[0]
     raw = []
     for encoder in ranked[1:]:
-        seeds = sorted(set(scores[best]) & set(scores[encoder]), key=str)
-        if not seeds:
+        differences = paired_differences(scores[best], scores[encoder])
+        if not differences:
             continue
-        differences = [100 * (scores[best][seed] - scores[encoder][seed]) for seed in seeds]
         low, high = bootstrap_interval(differences)
         p_value = permutation_p(differences) if len(differences) > 1 else math.nan
-        raw.append((encoder, len(seeds), statistics.fmean(differences), low, high, p_value))
+        raw.append((encoder, len(differences), statistics.fmean(differences), low, high, p_value))
     adjusted = holm([row[-1] for row in raw])
+    tested = sum(not math.isnan(row[-1]) for row in raw)
     return [
-        Comparison(e, best, n, d, lo, hi, p, q, len(raw), unit)
+        Comparison(e, best, n, d, lo, hi, p, q, tested, unit)
         for (e, n, d, lo, hi, p), q in zip(raw, adjusted, strict=True)
     ]
 
@@ -154,11 +172,18 @@ def verdicts(summaries: list[TrialSummary]) -> tuple[list[Comparison], list[str]
     """A fair sweep's comparisons, and what the terminal and leaderboard.md say of them."""
     scores = pair_scores(summaries)
     folded = any("fold" in summary.params for summary in summaries)
-    comparisons = compare_with_best(scores, "fold × seed pairs" if folded else "paired seeds")
+    comparisons = compare_with_best(scores, "paired folds" if folded else "paired seeds")
     lines = [comparison.sentence() for comparison in comparisons]
+    runs = "fold × seed runs" if folded else "seeds"
+    most = max((len(by_pair) for by_pair in scores.values()), default=0)
+    for encoder, by_pair in scores.items():
+        if len(by_pair) < most:  # a failed fold is often the hardest: the mean flatters
+            lines.append(
+                f"{encoder} was scored on {len(by_pair)} of {most} {runs}: its mean leaves out the failed ones."
+            )
     share = first_place_share(scores)
-    if lines and share:
+    if comparisons and share:
         pairs = len(set.intersection(*(set(by_pair) for by_pair in scores.values())))
         ranked = ", ".join(f"{e} {s:.0%}" for e, s in sorted(share.items(), key=lambda item: -item[1]))
-        lines.append(f"Ranked first on the {pairs} shared {'fold × seed pairs' if folded else 'seeds'}: {ranked}.")
+        lines.append(f"Ranked first on the {pairs} shared {runs}: {ranked}.")
     return comparisons, lines

@@ -122,15 +122,16 @@ def prediction_figure(prediction: Prediction, path: Path) -> Path:
     return _save(figure, path)
 
 
-def speed_quality_scatter(points: list[tuple[str, float, float]], path: Path) -> Path:
-    """Fine mIoU against training img/s, one point per trial, coloured by encoder, with the
-    trials no other is both faster and better than joined as the front."""
+def speed_quality_scatter(points: list[tuple[str, float, float]], path: Path, front: bool = False) -> Path:
+    """Fine mIoU against training img/s, one point per trial, coloured by encoder; with
+    ``front`` (trials scored on one split), the trials no other is both faster and better
+    than are joined as the Pareto front."""
     figure = _new_figure(SCATTER_SIZE)
     axes = figure.add_subplot()
     on_front = pareto_front([(speed, score) for _, speed, score in points], ("max", "max"))
-    front = sorted((speed, score) for (_, speed, score), kept in zip(points, on_front, strict=True) if kept)
-    if len(front) > 1:
-        axes.plot(*zip(*front, strict=True), color="grey", linestyle="--", zorder=0, label="Pareto front")
+    front_points = sorted((speed, score) for (_, speed, score), kept in zip(points, on_front, strict=True) if kept)
+    if front and len(front_points) > 1:
+        axes.plot(*zip(*front_points, strict=True), color="grey", linestyle="--", zorder=0, label="Pareto front")
     encoders = sorted({encoder for encoder, _, _ in points})
     colours = _encoder_colours(encoders)
     for encoder in encoders:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from artefact.report.figures import iou_heatmap
+from artefact.report.leaderboard import markdown_table, text_table
 from artefact.report.trials import TrialSummary
 from artefact.taxonomy import FINE_NAMES
 
@@ -71,25 +72,19 @@ def fold_table(rows: list[FoldRow], names: list[str]) -> list[list[str]]:
 
 
 def render_fold_text(rows: list[FoldRow], names: list[str]) -> str:
-    table = fold_table(rows, names)
-    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in table]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "fine mIoU per held-out fold (mean over seeds):\n" + "\n".join(lines)
+    return "fine mIoU per held-out fold (mean over seeds):\n" + text_table(fold_table(rows, names))
 
 
 def fold_markdown(rows: list[FoldRow], names: list[str]) -> str:
     """The leaderboard's fold section: the per-fold table, then each encoder's classes on its worst fold."""
-    header, *body = fold_table(rows, names)
-    lines = ["## Fine mIoU per held-out fold (mean over seeds)", "", "| " + " | ".join(header) + " |"]
-    lines += ["|" + "---|" * len(header), *("| " + " | ".join(line) + " |" for line in body)]
-    lines += ["", "## IoU per class on each encoder's worst fold", ""]
-    lines += ["| class | " + " | ".join(f"{row.encoder} ({row.worst})" for row in rows) + " |"]
-    lines += ["|" + "---|" * (len(rows) + 1)]
-    for name in FINE_NAMES:
-        if any(name in row.worst_classes for row in rows):
-            cells = (f"{row.worst_classes[name]:.4f}" if name in row.worst_classes else "-" for row in rows)
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    classes = [["class", *(f"{row.encoder} ({row.worst})" for row in rows)]]
+    classes += [
+        [name, *(f"{row.worst_classes[name]:.4f}" if name in row.worst_classes else "-" for row in rows)]
+        for name in FINE_NAMES
+        if any(name in row.worst_classes for row in rows)
+    ]
+    lines = ["## Fine mIoU per held-out fold (mean over seeds)", "", *markdown_table(fold_table(rows, names))]
+    lines += ["", "## IoU per class on each encoder's worst fold", "", *markdown_table(classes)]
     return "\n".join(lines) + "\n"
 
 

@@ -63,6 +63,7 @@ def image_interval(
 
 
 def encoder_interval(trials: list[TrialSummary]) -> tuple[float, float] | None:
-    """The interval of these trials' mean score, from those whose per-image counts were kept."""
-    kept = [(trial.params.get("fold"), counts) for trial in trials if (counts := per_image_counts(trial)) is not None]
-    return image_interval(kept) if kept else None
+    """The interval of these trials' mean score; None unless every trial kept its per-image
+    counts (an interval over some of them would not be around the mean shown beside it)."""
+    kept = [(trial.params.get("fold"), per_image_counts(trial)) for trial in trials]
+    return image_interval(kept) if all(counts is not None for _, counts in kept) else None

@@ -57,9 +57,10 @@ def _scored_by_encoder(summaries: list[TrialSummary]) -> dict[str, list[TrialSum
     return by_encoder
 
 
-def leaderboard(summaries: list[TrialSummary], mode: str, gpus_per_trial: float) -> list[dict[str, object]]:
+def leaderboard(summaries: list[TrialSummary], mode: str, uses_gpus: bool) -> list[dict[str, object]]:
     """Rows per encoder; values are floats (search) or (mean, std) pairs (fair). GPU-hours
-    count every trial of the encoder, failed and stopped ones too: they were paid for."""
+    (``perf/gpu_hours``, None without GPUs) count every trial of the encoder, failed and
+    stopped ones too: they were paid for."""
     by_encoder = _scored_by_encoder(summaries)
     rows = []
     for encoder, trials in by_encoder.items():
@@ -71,8 +72,8 @@ def leaderboard(summaries: list[TrialSummary], mode: str, gpus_per_trial: float)
         row["miou_fine_ci95"] = encoder_interval(trials)
         row["batch"] = trials[0].params.get("batch_size")
         row["lr"] = trials[0].params.get("lr")
-        seconds = sum(s.best.get("perf/train_s", 0.0) for s in summaries if s.params.get("encoder") == encoder)
-        row["gpu_h"] = seconds * gpus_per_trial / 3600 if gpus_per_trial else None
+        hours = sum(s.best.get("perf/gpu_hours", 0.0) for s in summaries if s.params.get("encoder") == encoder)
+        row["gpu_h"] = hours if uses_gpus else None
         rows.append(row)
     return sorted(rows, key=lambda r: -(r["miou_fine"] or (-1.0, 0.0))[0])
 
@@ -119,12 +120,22 @@ def format_table(rows: list[dict[str, object]], mode: str) -> list[list[str]]:
     return [header, *body]
 
 
-def render_text(rows: list[dict[str, object]], mode: str) -> str:
-    table = format_table(rows, mode)
+def text_table(table: list[list[str]]) -> str:
+    """A header and rows of cells as aligned columns for the terminal."""
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in table]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+def markdown_table(table: list[list[str]]) -> list[str]:
+    """A header and rows of cells as the lines of a Markdown table."""
+    header, *body = table
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(b) + " |" for b in body)]
+
+
+def render_text(rows: list[dict[str, object]], mode: str) -> str:
+    return text_table(format_table(rows, mode))
 
 
 def describe_config(params: dict[str, object]) -> str:
@@ -145,9 +156,7 @@ def failed_trials(summaries: list[TrialSummary]) -> list[str]:
 def render_markdown(
     rows: list[dict[str, object]], mode: str, failures: list[str], sentences: list[str], appendix: str = ""
 ) -> str:
-    header, *body = format_table(rows, mode)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(line) + " |" for line in body]
+    lines = markdown_table(format_table(rows, mode))
     if sentences:
         lines += ["", "Compared with the best on the same seeds (and folds):", "", *(f"- {line}" for line in sentences)]
     if failures:
@@ -245,7 +254,7 @@ def write_plots(
             (int(epoch["epoch"]), epoch[metric]) for epoch in histories.get(best.trial_id, []) if metric in epoch
         ]
     return [
-        speed_quality_scatter(points, out / "speed_quality.png"),
+        speed_quality_scatter(points, out / "speed_quality.png", front=mode == "search"),
         iou_heatmap(heat, out / "iou_per_class.png"),
         validation_curves(curves, metric, out / "validation_curves.png"),
     ]

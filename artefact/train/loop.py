@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from artefact.config import Config
-from artefact.data.cache import class_pixels
+from artefact.data.cache import check_fold, class_pixels
 from artefact.data.dataset import TrainDataset, ValDataset
 from artefact.errors import TrainingDiverged, TrialOutOfMemory, UserError
 from artefact.losses import MultitaskLoss, class_weights
@@ -65,6 +65,7 @@ class Ranks:
 
 def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None = None) -> dict[str, float]:
     """Train ``cfg`` on a prepared cache; returns the last epoch's metrics."""
+    check_fold(cache, cfg.data.fold)
     ranks = Ranks.current()
     _seed_everything(cfg.train.seed + ranks.rank)
     device = select_device(cfg.train.device, cfg.resources.gpus_per_worker)
@@ -140,7 +141,7 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
             )
         images = train_metrics.pop("images")
         epoch_seconds = time.perf_counter() - started
-        gpu_seconds += epoch_seconds * ranks.world * (device.type == "cuda")
+        gpu_seconds += epoch_seconds * ranks.world * cfg.resources.gpus_per_worker * (device.type == "cuda")
         metrics = {
             "epoch": epoch + 1,
             **train_metrics,

@@ -39,6 +39,8 @@ def summarise(
         if speeds:
             best_metrics["perf/img_per_s"] = sum(speeds) / len(speeds)
             best_metrics["perf/peak_mem_mb"] = max(row["perf/peak_mem_mb"] for row in rows)
+        if any("perf/gpu_hours" in row for row in rows):  # a running total: the trial's whole cost
+            best_metrics["perf/gpu_hours"] = max(row.get("perf/gpu_hours", 0.0) for row in rows)
         if rows and best:
             best_metrics.update(_training_time(rows, int(best["epoch"])))
         params = leaderboard_params(result.config or {}, cfg)
