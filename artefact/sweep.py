@@ -34,7 +34,7 @@ from artefact.tune import cluster
 from artefact.tune.ray_env import sweep_token_file
 from artefact.tune.results import summarise
 from artefact.tune.space import space_description, trial_count
-from artefact.tune.tuner import can_resume, fail_orphaned_study_trials, optuna_storage, run_trials
+from artefact.tune.tuner import STOP_ASKED, can_resume, fail_orphaned_study_trials, optuna_storage, run_trials
 
 PLOTS_FOLDER = "plots"
 
@@ -94,7 +94,7 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         stopping_ray = cluster.stop_meanwhile()
         finished = results.num_terminated + results.num_errors
         asked = trial_count(cfg, len(folds))
-        if finished < asked:
+        if finished < asked or STOP_ASKED.is_set():  # a trial stopped mid-way counts as terminated
             status = "KILLED"
             raise SweepInterrupted(
                 f"sweep {request.name!r} stopped before all {asked} trials finished; its state is saved."

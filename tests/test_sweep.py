@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -262,6 +263,42 @@ def test_resume_after_sigkill_finishes_exactly_the_requested_trials(
     other_space = run_bench(results, synthetic_workspace, store, *args, "--resume", "--encoders", "tu-test_resnet")
     assert other_space.returncode == 2
     assert "--resume" in other_space.stderr and "Traceback" not in other_space.stderr
+
+
+def test_sigterm_saves_the_sweep_and_resume_replaces_no_trial(
+    tmp_path: Path, synthetic_workspace: Path, fault_survived
+) -> None:
+    """``kill <pid>``, or a batch script passing on SLURM's TERM: only the sweep's process gets it."""
+    store, results = tmp_path / "mlflow.db", tmp_path / "results"
+    args = ("--name", "termed", "--trials", "3", "--epochs", "2", "--set", "sweep.scheduler=none")
+    MlflowClient(f"sqlite:///{store}")  # the schema, made before the sweep polls it
+    process = subprocess.Popen(
+        bench_command(results, synthetic_workspace, store, *args),
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 400
+    while len(_trial_runs(store, "termed")) < 3:
+        assert process.poll() is None, "the sweep ended before it could be stopped"
+        assert time.monotonic() < deadline, "the third trial did not start in time"
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 3, output[-3000:]
+    assert "its state is saved. Continue it with the same command plus --resume --name termed" in output
+
+    resumed = run_bench(results, synthetic_workspace, store, *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    parent, children = sweep_runs(store, "termed")
+    outcomes = sorted(c.data.tags.get("artefact.outcome") for c in children)
+    assert parent.info.status == "FINISHED" and outcomes == ["completed"] * 3, outcomes  # none replaced
+    for child in children:
+        steps = [p.step for p in MlflowClient(f"sqlite:///{store}").get_metric_history(child.info.run_id, "epoch")]
+        assert steps == [1, 2], (child.data.tags["artefact.trial_id"], steps)  # each epoch once
+    fault_survived("sweep SIGTERMed with its Ray cluster, then --resume")
 
 
 def test_the_ray_token_never_reaches_mlflow_the_results_or_the_output(default_sweep, tmp_path: Path) -> None:

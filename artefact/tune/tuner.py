@@ -11,6 +11,8 @@ process, which Tune reuses from trial to trial (``worker``).
 from __future__ import annotations
 
 import math
+import signal
+import threading
 from pathlib import Path
 
 import optuna
@@ -172,7 +174,8 @@ def run_trials(
                 name=TUNE_FOLDER,
                 storage_path=str(sweep_dir.resolve()),
                 verbose=2 if verbose else 0,
-                callbacks=[] if verbose else [ProgressLog(trial_count(cfg, folds), cfg.train.epochs, cfg.sweep.metric)],
+                callbacks=[StopSignals()]
+                + ([] if verbose else [ProgressLog(trial_count(cfg, folds), cfg.train.epochs, cfg.sweep.metric)]),
                 # One-worker trials are retried by Tune from their last checkpoint; DDP trials by Train.
                 failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures if in_process(cfg) else 0),
                 checkpoint_config=tune.CheckpointConfig(
@@ -182,7 +185,37 @@ def run_trials(
                 ),
             ),
         )
-    return tuner.fit()
+    STOP_ASKED.clear()
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        return tuner.fit()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+STOP_ASKED = threading.Event()
+"""Set when USR1 or TERM asked the running sweep to save its state and stop."""
+
+
+class StopSignals(tune.Callback):
+    """Tune saves the sweep and stops on USR1, then lists a trial it stopped mid-way as
+    terminated, like a finished one; this notes the request (``STOP_ASKED``) so that the sweep
+    says it stopped instead of reporting it as done. TERM (``kill``, a batch script passing
+    SLURM's TERM on) gets the same meaning. Tune sets its own USR1 handler before it sets up
+    its callbacks, so this one wraps it."""
+
+    def setup(self, **info) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set there; nor could Tune set its own
+        tune_stops = signal.getsignal(signal.SIGUSR1)
+
+        def stop(signum, frame) -> None:
+            STOP_ASKED.set()
+            if callable(tune_stops):
+                tune_stops(signal.SIGUSR1, frame)
+
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(signum, stop)
 
 
 def can_resume(sweep_dir: Path) -> bool:
