@@ -186,6 +186,28 @@ def _finished_trials(store: Path, sweep: str) -> dict[str, float]:
     return finished
 
 
+def _start_until_third_trial(
+    results: Path, workspace: Path, store: Path, args: tuple[str, ...], log: Path
+) -> subprocess.Popen:
+    """The main job (its output in ``log``), returned once its third trial has its MLflow run."""
+    MlflowClient(f"sqlite:///{store}")  # the schema, made before the sweep polls it
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            bench_command(results, workspace, store, *args),
+            cwd=REPO,
+            start_new_session=True,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    name = args[args.index("--name") + 1]
+    deadline = time.monotonic() + 400
+    while len(_trial_runs(store, name)) < 3:
+        assert process.poll() is None, f"the sweep ended before its third trial started: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "the third trial did not start in time"
+        time.sleep(0.5)
+    return process
+
+
 def test_resume_after_sigkill_finishes_exactly_the_requested_trials(
     tmp_path: Path, synthetic_workspace: Path, fault_survived
 ) -> None:
@@ -202,21 +224,9 @@ def test_resume_after_sigkill_finishes_exactly_the_requested_trials(
         "--set",
         "data.crops_per_image=2",
     )
-    MlflowClient(f"sqlite:///{store}")  # the schema, made before the sweep polls it
-    process = subprocess.Popen(
-        bench_command(results, synthetic_workspace, store, *args),
-        cwd=REPO,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     # Killed as soon as the third trial has its run: a trial has finished by then, and the
     # third has often started after Tune last saved the sweep's state, so --resume replaces it.
-    deadline = time.monotonic() + 400
-    while len(_trial_runs(store, "killed")) < 3:
-        assert process.poll() is None, "the sweep ended before it could be killed"
-        assert time.monotonic() < deadline, "the third trial did not start in time"
-        time.sleep(0.5)
+    process = _start_until_third_trial(results, synthetic_workspace, store, args, tmp_path / "sweep.log")
     kill_process_tree(process)
     killed_at = time.time()
     finished_before = _finished_trials(store, "killed")
@@ -271,22 +281,10 @@ def test_sigterm_saves_the_sweep_and_resume_replaces_no_trial(
     """``kill <pid>``, or a batch script passing on SLURM's TERM: only the sweep's process gets it."""
     store, results = tmp_path / "mlflow.db", tmp_path / "results"
     args = ("--name", "termed", "--trials", "3", "--epochs", "2", "--set", "sweep.scheduler=none")
-    MlflowClient(f"sqlite:///{store}")  # the schema, made before the sweep polls it
-    process = subprocess.Popen(
-        bench_command(results, synthetic_workspace, store, *args),
-        cwd=REPO,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 400
-    while len(_trial_runs(store, "termed")) < 3:
-        assert process.poll() is None, "the sweep ended before it could be stopped"
-        assert time.monotonic() < deadline, "the third trial did not start in time"
-        time.sleep(0.5)
+    process = _start_until_third_trial(results, synthetic_workspace, store, args, tmp_path / "sweep.log")
     process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
+    process.wait(timeout=120)
+    output = (tmp_path / "sweep.log").read_text()
     assert process.returncode == 3, output[-3000:]
     assert "its state is saved. Continue it with the same command plus --resume --name termed" in output
 

@@ -6,8 +6,8 @@ narrow. Each trial keeps its best epoch's confusion counts per image beside its 
 
 The interval is the normal one, the score ± z bootstrap standard errors, not the bootstrap's
 percentiles: a resample that misses the few images of a rare class drops that class (and its
-low IoU) from the mean, so resampled mIoUs sit above the score, and on the synthetic set the
-percentile interval of an encoder often excluded its own score.
+low IoU) from the mean, so resampled mIoUs sit above the score; on the synthetic set the
+percentile interval put an encoder's score at its very edge (docs/performance.md).
 """
 
 from __future__ import annotations
