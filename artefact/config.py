@@ -159,8 +159,10 @@ class TrainConfig:
     """Worker failures a trial survives, each time restarting from its last checkpoint."""
     channels_last: bool = False
     """Channels-last (NHWC) model and batches: faster convolutions on some GPUs (README, Performance)."""
-    compile: bool = False
-    """torch.compile the training step's model; compiling costs time up front in every trial."""
+    compile: bool | str = "auto"
+    """torch.compile the training step's model: true, false, or auto (where it earns back its
+    compile time: a GPU trial of enough steps; README, "Compiled models"). Trials of a sweep
+    share compiled code on each node, so only an encoder's first trial compiles from scratch."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
@@ -171,6 +173,7 @@ class TrainConfig:
         _check(self.grad_clip > 0, "train.grad_clip", self.grad_clip, "> 0")
         _check(self.amp in AMP_MODES, "train.amp", self.amp, AMP_MODES)
         _check(self.device in DEVICES, "train.device", self.device, DEVICES)
+        _check(self.compile in (True, False, "auto"), "train.compile", self.compile, "true, false or auto")
         _check(
             self.steps_per_epoch is None or self.steps_per_epoch >= 1,
             "train.steps_per_epoch",

@@ -51,19 +51,24 @@ def dice_loss(
     classes) / (sum of all weights) (a test pins this).
     """
     num_classes = logits.shape[1]
-    valid = (target != IGNORE_INDEX).unsqueeze(1)
-    probs = torch.softmax(logits.float(), dim=1) * valid
-    truth = F.one_hot(torch.where(valid.squeeze(1), target, 0).long(), num_classes).permute(0, 3, 1, 2) * valid
-    dims = (0, 2, 3)
-    intersection = (probs * truth).sum(dims)
-    cardinality = probs.sum(dims) + truth.sum(dims)
-    present = (truth.sum(dims) > 0).float()
+    valid = target != IGNORE_INDEX
+    probs = torch.softmax(logits.float(), dim=1) * valid.unsqueeze(1)
+    # Per class, summed over its labelled pixels, without a one-hot copy of the target (a
+    # 64-bit tensor as large as the logits): the probability of the true class, and the count.
+    classes = torch.where(valid, target, 0).long()
+    true_probs = probs.gather(1, classes.unsqueeze(1)).flatten()
+    zeros = probs.new_zeros(num_classes)
+    intersection = zeros.index_add(0, classes.flatten(), true_probs)
+    truth_pixels = zeros.index_add(0, classes.flatten(), valid.flatten().float())
+    cardinality = probs.sum((0, 2, 3)) + truth_pixels
+    present = (truth_pixels > 0).float()
     if weight is not None:
         present = present * weight
-    if not present.any():
-        return probs.sum() * 0.0
     dice = 2.0 * intersection / cardinality.clamp_min(eps)
-    return 1.0 - (dice * present).sum() / present.sum()
+    score = (dice * present).sum() / present.sum().clamp_min(eps)
+    # No class present (or weighted): 0, with a gradient of 0. Chosen on the device: a Python
+    # ``if`` would wait for the GPU at every step.
+    return torch.where(present.sum() > 0, 1.0 - score, probs.sum() * 0.0)
 
 
 def focal_loss(

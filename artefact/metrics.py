@@ -12,10 +12,16 @@ from artefact.taxonomy import IGNORE_INDEX
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """C x C counts (rows: truth, columns: prediction) over labelled pixels only."""
-    valid = target != IGNORE_INDEX
-    index = target[valid].long() * num_classes + pred[valid].long()
-    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    """C x C counts (rows: truth, columns: prediction) over labelled pixels only.
+
+    Unlabelled pixels are counted in one extra bin that is dropped, and the counts are added
+    into a tensor of fixed size: no boolean indexing or ``bincount``, each of which waits for
+    the GPU to learn its output's size (3.5x faster on the CPU too, docs/performance.md).
+    """
+    cells = num_classes * num_classes
+    index = torch.where(target != IGNORE_INDEX, target.long() * num_classes + pred.long(), cells).flatten()
+    counts = torch.zeros(cells + 1, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
+    return counts[:cells].reshape(num_classes, num_classes)
 
 
 def iou_per_class(confusion: torch.Tensor) -> torch.Tensor:

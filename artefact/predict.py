@@ -37,7 +37,7 @@ from artefact.tracking.store import check_store_exists
 from artefact.tracking.trials import trial_text
 from artefact.tracking.vocabulary import SweepRun, registered_model_name, unless_store_is_away
 from artefact.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, write_atomic
-from artefact.train.evaluation import Normaliser, segment
+from artefact.train.evaluation import Normaliser, class_map, segment
 from artefact.train.hardware import amp_dtype, configure_kernels, select_device
 
 if TYPE_CHECKING:
@@ -186,7 +186,7 @@ class _Segmenter:
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         image = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).unsqueeze(0)
         logits = segment(self.model, image, self.normalise, self.dtype, self.resolution, self.chunk)
-        return logits["fine"][0].argmax(0).to(torch.uint8).cpu().numpy()
+        return class_map(logits["fine"])[0].to(torch.uint8).cpu().numpy()
 
 
 def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:

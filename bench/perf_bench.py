@@ -2,7 +2,9 @@
 and the hardware's peak. Prints a table per item and writes results/perf/<profile>-<time>.json.
 
 Items: loop (our loop in-process and under Ray Train vs a bare loop), data (the
-DataLoader vs the model's consumption), sweep (wall time vs training time), early_stopping
+DataLoader vs the model's consumption), trial (one trial at the v100s-x2 epoch shape vs the
+bare steps and validation passes it contains), compile (eager vs compiled with a cold and a warm
+compile cache), sweep (wall time vs training time), early_stopping
 (ASHA vs the same search run to full length), prepare (peak RSS on a 200-megapixel image), gpu (img/s,
 memory and MFU of the real encoders at 384 px; only where a GPU is present).
 """
@@ -29,11 +31,12 @@ from artefact.cli import run_cli  # noqa: E402
 from artefact.errors import UserError  # noqa: E402
 from artefact.heap import exit_process  # noqa: E402
 
-ITEMS = ("loop", "data", "sweep", "early_stopping", "prepare", "gpu")
+ITEMS = ("loop", "data", "trial", "compile", "sweep", "early_stopping", "prepare", "gpu")
 TARGETS = {
     "loop.in_process_ratio": (">=", 0.97),
     "loop.ray_train_ratio": (">=", 0.97),
     "data.ratio": (">=", 2),
+    "trial.overhead_share": ("<=", 0.05),
     "sweep.overhead_ratio": ("<=", 1.10),
     "early_stopping.epochs_saved_fraction": (">=", 0.5),
     "early_stopping.same_best_encoder": ("==", True),
@@ -51,6 +54,9 @@ class Sizes:
     loop_steps: int = 40
     loop_repeats: int = 3
     data_batches: int = 60
+    trial_epochs: int = 10
+    trial_data_scale: float = 1.0
+    compile_epochs: int = 3
     sweep_trials: int = 4
     sweep_epochs: int = 9
     asha_trials: int = 8
@@ -67,6 +73,9 @@ QUICK = Sizes(
     loop_steps=3,
     loop_repeats=1,
     data_batches=3,
+    trial_epochs=2,
+    trial_data_scale=0.1,
+    compile_epochs=2,
     sweep_trials=2,
     sweep_epochs=1,
     asha_trials=2,
@@ -110,6 +119,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=_at_least_one,
         help="interleaved repeats of the loop item's rows (default 3; each Ray Train row takes ~90 s on a GPU)",
     )
+    parser.add_argument(
+        "--trial-epochs", type=_at_least_one, help="epochs of the trial item's trial (default 10; ~6 s each on CPU)"
+    )
     parser.add_argument("--sweep-trials", type=_at_least_one, help="trials in the sweep item (default 4)")
     parser.add_argument(
         "--sweep-epochs", type=_at_least_one, help="epochs per sweep trial (default 9: ~60 s each on cpu-smoke)"
@@ -143,28 +155,20 @@ def _bench_cache(cfg, workdir: Path) -> Path:
     return prepare(source, workdir / "cache", params_from(cfg.data), log=lambda _: None)
 
 
-def _loop_settings(cfg):
-    """(AMP dtype, memory-format and compile options) that the bare loop shares with ours."""
-    from artefact.train.hardware import amp_dtype, select_device
-
-    dtype = amp_dtype(cfg.train.amp, select_device(cfg.train.device))
-    return dtype, {"channels_last": cfg.train.channels_last, "compile_model": cfg.train.compile}
-
-
 def bare_speed(cfg, sizes: Sizes) -> float:
     """img/s of the bare loop: what the model consumes."""
-    from bench.throughput import bare_step_speed
+    from bench.throughput import bare_step_speed, loop_options
 
-    dtype, options = _loop_settings(cfg)
+    dtype, options = loop_options(cfg, 2 * sizes.loop_steps)  # as measured_config plans our loop
     return bare_step_speed(cfg, dtype, sizes.loop_steps, **options)["img_per_s"]
 
 
 def measure_loop(cfg, cache: Path, sizes: Sizes) -> dict[str, object]:
     """Bare, ours and ours on Ray, interleaved and repeated (``Sizes.loop_repeats``): this
     machine's speed drifts by 10-20% from minute to minute, so each ratio uses medians."""
-    from bench.throughput import RayTrainFailed, loop_speed, ray_train_speed
+    from bench.throughput import RayTrainFailed, loop_options, loop_speed, ray_train_speed
 
-    dtype, options = _loop_settings(cfg)
+    dtype, options = loop_options(cfg, 2 * sizes.loop_steps)
     try:
         import ray  # noqa: F401
 
@@ -281,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise UserError(f"--items {','.join(unknown)}: unknown; choose from {', '.join(ITEMS)}.")
         sizes = QUICK if args.quick else Sizes()
-        for field in ("loop_steps", "loop_repeats", "sweep_trials", "sweep_epochs", "asha_epochs"):
+        for field in ("loop_steps", "loop_repeats", "trial_epochs", "sweep_trials", "sweep_epochs", "asha_epochs"):
             if getattr(args, field) is not None:
                 sizes = dataclasses.replace(sizes, **{field: getattr(args, field)})
         with tempfile.TemporaryDirectory(prefix="artefact-perf-") as scratch:
@@ -313,6 +317,11 @@ def run_items(
         "torch": torch.__version__,
     }
     cache = _bench_cache(cfg, workdir) if {"loop", "data"} & set(items) else None
+    if {"trial", "compile"} & set(items):
+        from bench.trial import trial_cache, trial_config
+
+        shape = trial_config(sizes.trial_epochs)
+        shape_cache = trial_cache(shape, workdir, sizes.trial_data_scale)
 
     def workspace(cfg) -> Path:
         """The sweeps' data workspace, its cache prepared before any sweep is timed."""
@@ -330,6 +339,14 @@ def run_items(
         elif item == "data":
             model = results.get("loop", {}).get("bare_img_per_s") or bare_speed(cfg, sizes)
             results[item] = measure_data(cfg, cache, sizes, model)
+        elif item == "trial":
+            from bench.trial import measure_trial
+
+            results[item] = measure_trial(shape, shape_cache, workdir)
+        elif item == "compile":
+            from bench.compiling import measure_compile
+
+            results[item] = measure_compile(shape.replace(train={"epochs": sizes.compile_epochs}), shape_cache, workdir)
         elif item == "sweep":
             from bench.sweeps import sweep_overhead
 

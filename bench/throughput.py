@@ -24,7 +24,8 @@ from artefact.data.dataset import TrainDataset, load_split
 from artefact.losses import MultitaskLoss
 from artefact.models import TRAINING_FLOP_FACTOR, build_model, forward_gflop
 from artefact.taxonomy import HEAD_LUTS
-from artefact.train.hardware import configure_kernels, peak_tflops, select_device
+from artefact.train.compilation import compiles
+from artefact.train.hardware import amp_dtype, configure_kernels, peak_tflops, select_device
 from artefact.train.loop import Ranks, make_train_loader, train
 
 
@@ -43,6 +44,14 @@ def timed_steps(step: Callable[[], None], steps: int, warmup: int, device: torch
         step()
     _synchronise(device)
     return time.perf_counter() - started
+
+
+def loop_options(cfg: Config, planned_steps: int) -> tuple[torch.dtype | None, dict[str, bool]]:
+    """(AMP dtype, memory-format and compile options) that the bare loop shares with our loop
+    when ours plans ``planned_steps`` training steps (``train.compile: auto`` depends on them)."""
+    device = select_device(cfg.train.device)
+    compiled = compiles(cfg.train.compile, device, planned_steps * cfg.train.batch_size)
+    return amp_dtype(cfg.train.amp, device), {"channels_last": cfg.train.channels_last, "compile_model": compiled}
 
 
 def bare_step_speed(

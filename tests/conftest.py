@@ -32,6 +32,7 @@ SYSTEM_TESTS = {
     "browser": ("Debian's Chromium", (str(CHROMIUM),)),
     "slurm": ("SLURM and munge", ("slurmctld", "slurmd", "sbatch", "scontrol", "munged", "mungekey")),
     "shellcheck": ("shellcheck", ("shellcheck",)),
+    "compiler": ("g++, for TorchInductor's CPU kernels", ("g++",)),
 }
 """Tests that drive system programs: ``make test`` leaves installing them to ``make system-deps``."""
 

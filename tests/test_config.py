@@ -120,6 +120,7 @@ def test_python_tags_are_refused(tmp_path: Path, tag: str) -> None:
         (["train.lr=0"], "train.lr"),
         (["train.amp=fp8"], "train.amp"),
         (["train.device=tpu"], "train.device"),
+        (["train.compile=always"], "train.compile"),
         (["train.steps_per_epoch=0"], "train.steps_per_epoch"),
         (["resources.gpus_per_worker=1.5"], "resources.gpus_per_worker"),
         (["resources.trainer=ray-train"], "resources.trainer"),

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from artefact.errors import UserError
-from artefact.train import hardware
+from artefact.train import compilation, hardware
+from artefact.train.compilation import BREAK_EVEN_IMAGES, compiles
 from artefact.train.hardware import (
     amp_dtype,
     arch_supported,
@@ -139,3 +140,28 @@ def test_a_trial_given_gpus_never_trains_on_the_cpu_instead() -> None:
     with pytest.raises(UserError, match="train.device = 'cuda'"):
         select_device("cuda")
     assert select_device("auto").type == "cpu"  # a CPU profile
+
+
+@pytest.mark.parametrize(
+    ("capability", "triton", "images", "compiled"),
+    [
+        ((9, 0), True, BREAK_EVEN_IMAGES, True),  # H100/H200, a trial long enough to earn it back
+        ((7, 0), True, BREAK_EVEN_IMAGES, True),  # V100S: Triton builds for sm_70
+        ((9, 0), True, 50 * 660, False),  # a shipped profile's trial on ARTeFACT: too short to pay
+        ((9, 0), False, 10**6, False),  # no Triton: Inductor cannot build GPU kernels
+        ((6, 1), True, 10**6, False),  # below Triton's sm_70
+    ],
+)
+def test_compile_auto_compiles_a_long_enough_gpu_trial_that_triton_can_build_for(
+    gpu, monkeypatch, capability: tuple[int, int], triton: bool, images: int, compiled: bool
+) -> None:
+    gpu(capability, CUDA126_BUILD)
+    monkeypatch.setattr(compilation.importlib.util, "find_spec", lambda name: object() if triton else None)
+    assert compiles("auto", CUDA, images) is compiled
+
+
+def test_compile_auto_never_compiles_on_the_cpu_and_true_or_false_are_obeyed() -> None:
+    cpu = torch.device("cpu")
+    assert compiles("auto", cpu, 10**6) is False
+    assert compiles(True, cpu, 1) is True
+    assert compiles(False, CUDA, 10**6) is False

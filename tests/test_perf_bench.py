@@ -39,6 +39,23 @@ FIELDS = {
         "ray_train_ratio",
     },
     "data": {"profile_workers", "pipeline_img_per_s", "model_img_per_s", "ratio", "workers_for_2x", "scan_img_per_s"},
+    "trial": {
+        "profile",
+        "encoder",
+        "batch_size",
+        "steps_per_epoch",
+        "epochs",
+        "train_images",
+        "val_images",
+        "wall_s",
+        "bare_s",
+        "wall_over_bare",
+        "overhead_share",
+        "setup_s",
+        "epoch_s",
+        "per_epoch_s",
+        "checkpoint_mb",
+    },
     "sweep": {
         "trials",
         "epochs_per_trial",
@@ -69,6 +86,7 @@ FIELDS = {
 POSITIVE = {
     "loop": ("bare_img_per_s", "in_process_img_per_s", "ray_train_img_per_s"),
     "data": ("pipeline_img_per_s", "model_img_per_s"),
+    "trial": ("wall_s", "bare_s", "wall_over_bare", "steps_per_epoch", "checkpoint_mb"),
     "sweep": ("training_s_total", "wall_s", "overhead_ratio", "before_trials_s", "after_trials_s"),
     "prepare": ("seconds", "peak_rss_mb", "largest_megapixels"),
 }
@@ -80,6 +98,7 @@ def test_quick_benchmark_writes_every_field(tmp_path: Path) -> None:
     out = tmp_path / "perf"
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "perf_bench.py"), "--quick", "--profile", "cpu-smoke"]
+        + ["--items", ",".join(FIELDS) + ",gpu"]  # the compile item has its own test
         + ["--out", str(out), "--workdir", str(tmp_path / "work")],
         capture_output=True,
         text=True,
@@ -107,9 +126,32 @@ def test_quick_benchmark_writes_every_field(tmp_path: Path) -> None:
     # The referee trains the very configurations the search sampled (same seed), to full length.
     assert results["early_stopping"]["same_configurations"] is True
     assert results["prepare"]["images"] == 10
+    # The trial item: the v100s-x2 epoch shape (its batch), every phase of the difference named.
+    trial = results["trial"]
+    assert trial["profile"] == "v100s-x2" and trial["batch_size"] == 32 and trial["epochs"] == 2
+    assert len(trial["epoch_s"]) == 2 and trial["wall_s"] >= sum(trial["epoch_s"])
+    assert set(trial["per_epoch_s"]) == {
+        "steps_bare",
+        "steps_extra",
+        "loader_wait",
+        "validation_bare",
+        "validation_extra",
+        "checkpoint",
+        "mlflow",
+        "figures",
+        "send",
+        "report_other",
+    }
+    assert trial["per_epoch_s"]["figures"] > 0  # drawn at the last epoch (and the first: ASHA)
     # Every target with a measured value is checked and printed.
     assert "gpu.best_unet_convnext_mfu" not in results["targets"]
-    for key in ("loop.in_process_ratio", "loop.ray_train_ratio", "data.ratio", "sweep.overhead_ratio"):
+    for key in (
+        "loop.in_process_ratio",
+        "loop.ray_train_ratio",
+        "data.ratio",
+        "trial.overhead_share",
+        "sweep.overhead_ratio",
+    ):
         assert isinstance(results["targets"][key]["met"], bool)
         assert key in done.stdout
     assert f"written: {report}" in done.stdout
@@ -254,3 +296,21 @@ def _left_running(token: Path, patience_s: float = 20) -> dict[int, str]:
     while (found := ray_cluster_processes(token)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return found
+
+
+@pytest.mark.slow
+@pytest.mark.compiler
+def test_a_second_run_of_an_encoder_finds_the_compile_cache_warm(tmp_path: Path, synthetic_cache: Path) -> None:
+    """The compile item, tiny: eager, then compiled in a fresh process with an empty cache,
+    then again in another fresh process, which loads every graph instead of compiling it."""
+    from bench.compiling import measure_compile
+
+    cfg = small_config(model={"heads": ["fine"]}, train={"epochs": 2, "steps_per_epoch": 2})
+    result = measure_compile(cfg, synthetic_cache, tmp_path)
+    eager, cold, warm = (result["runs"][name] for name in ("eager", "cold", "warm"))
+    assert (eager["compiled"], cold["compiled"], warm["compiled"]) == (False, True, True)
+    assert cold["fx_graph_cache_misses"] > 0 and cold["fx_graph_cache_hits"] == 0
+    assert warm["fx_graph_cache_hits"] == cold["fx_graph_cache_misses"] and warm["fx_graph_cache_misses"] == 0
+    assert warm["compile_s"] < cold["compile_s"] and result["cache_mb"] > 0
+    for field in ("step_gain", "cold_compile_s", "warm_compile_s", "auto_break_even_images"):
+        assert field in result

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import random_rows, write_folder
+from builders import random_rows, small_config, write_folder
 from mlflow.tracking import MlflowClient
 
 from artefact.config import Config
@@ -20,7 +21,10 @@ from artefact.report.figures import Evaluation
 from artefact.taxonomy import HEAD_CLASS_NAMES
 from artefact.tracking.store import open_sweep
 from artefact.tracking.trials import TrialRun
+from artefact.train.compilation import compile_cache_folder
 from artefact.train.reporters import CLASS_WEIGHTS_FILE, EVALUATION_FOLDER, TrialReporter, trial_params
+from artefact.tune.trial import TrialContext
+from artefact.tune.worker import _train_and_report
 
 
 def _epoch(epoch: int) -> tuple[dict[str, float], Evaluation]:
@@ -81,3 +85,16 @@ def test_the_class_weights_table_and_loss_params_are_logged(tmp_path: Path) -> N
     assert float(lightleak["weight"]) > 0
     absent = next(row for row in rows if row["head"] == "fine" and row["class_name"] == "Burn marks")
     assert (absent["train_pixels"], float(absent["weight"])) == ("0", 0.0)
+
+
+def test_a_trial_points_the_compile_cache_at_its_sweeps_folder_on_the_node(
+    tmp_path: Path, synthetic_cache: Path, monkeypatch
+) -> None:
+    """So that an encoder's later trials (in other processes, after restarts) load its compiled
+    code instead of compiling again (the benchmark's compile item measures the difference)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor's default"))
+    cfg = small_config(train={"epochs": 1, "steps_per_epoch": 1})
+    reporter = TrialReporter(None, cfg, lambda metrics, checkpoint: None)
+    _train_and_report(cfg, TrialContext(synthetic_cache, tmp_path, name="sweep-a"), reporter, None)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(compile_cache_folder("sweep-a"))
+    assert compile_cache_folder("sweep-a").parent.name.startswith("artefact-compiled-")

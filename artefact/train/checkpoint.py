@@ -43,11 +43,13 @@ class _ErrorKeepingStream(io.RawIOBase):
             raise
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+def write_atomic(path: Path, write: Callable[[BinaryIO], None], durable: bool = True) -> Path:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``.
 
     A crash or a full disk leaves the previous file intact, never a half-written one; a
-    full disk raises the OSError (ENOSPC) naming ``path``.
+    full disk raises the OSError (ENOSPC) naming ``path``. ``durable=False`` skips the fsync,
+    for a file read back at once and then deleted (it cost up to a second per epoch for a
+    ConvNeXt-T checkpoint, docs/performance.md).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -57,7 +59,8 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
             try:
                 write(stream)
                 file.flush()
-                os.fsync(file.fileno())
+                if durable:
+                    os.fsync(file.fileno())
             except Exception as error:
                 cause = stream.error or (error if isinstance(error, OSError) else None)
                 if cause is None:
@@ -70,8 +73,8 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     return path
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
-    return write_atomic(path, lambda stream: torch.save(state, stream))
+def save_checkpoint(state: dict[str, Any], path: Path, durable: bool = True) -> Path:
+    return write_atomic(path, lambda stream: torch.save(state, stream), durable)
 
 
 def copy_atomic(source: Path, path: Path) -> Path:

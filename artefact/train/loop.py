@@ -35,9 +35,11 @@ from artefact.models import build_model, count_parameters, forward_gflop
 from artefact.report.figures import Evaluation
 from artefact.taxonomy import HEAD_CLASS_NAMES
 from artefact.train.checkpoint import CHECKPOINT_FILE, VAL_IMAGES_FILE, load_checkpoint, save_checkpoint
+from artefact.train.compilation import compiles
 from artefact.train.evaluation import Normaliser, validate
 from artefact.train.faults import planned_fault
 from artefact.train.hardware import amp_dtype, configure_kernels, peak_memory_mb, reset_peak_memory, select_device
+from artefact.train.timing import EpochClock
 
 if TYPE_CHECKING:
     from artefact.train.reporters import Reporter
@@ -63,8 +65,13 @@ class Ranks:
         return self.world > 1
 
 
-def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None = None) -> dict[str, float]:
-    """Train ``cfg`` on a prepared cache; returns the last epoch's metrics."""
+def train(
+    cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None = None, clock: EpochClock | None = None
+) -> dict[str, float]:
+    """Train ``cfg`` on a prepared cache; returns the last epoch's metrics. Each epoch's phases
+    (loader waits, validation, checkpoint, report) are added to ``clock``, if given."""
+    clock = clock or EpochClock()
+    setup_started = time.perf_counter()
     check_fold(cache, cfg.data.fold)
     ranks = Ranks.current()
     _seed_everything(cfg.train.seed + ranks.rank)
@@ -81,17 +88,25 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
     parameters = count_parameters(model)
     gflop = forward_gflop(cfg.model, cfg.data.resolution)
     net: nn.Module = DistributedDataParallel(model) if ranks.distributed else model
-    if cfg.train.compile:
-        net = torch.compile(net)
 
     data = cfg.data
     train_set = TrainDataset(cache, data.resolution, data.crops_per_image, data.in_memory, data.fold)
     val_set = ValDataset(cache, data.resolution, data.in_memory, data.fold)
     train_loader = make_train_loader(cfg, train_set, ranks, device)
     steps_per_epoch = min(len(train_loader), cfg.train.steps_per_epoch or len(train_loader))
+    planned_images = cfg.train.epochs * steps_per_epoch * cfg.train.batch_size * ranks.world
+    compiled = compiles(cfg.train.compile, device, planned_images)
+    if compiled:
+        net = torch.compile(net)
     val_shard = Subset(val_set, list(range(ranks.rank, len(val_set), ranks.world)))
     val_ids = [val_set.rows[index]["id"] for index in val_shard.indices]
-    val_loader = DataLoader(val_shard, batch_size=1, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    val_loader = DataLoader(
+        val_shard,
+        batch_size=1,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.data.num_workers > 0,  # not restarted every epoch (docs/performance.md)
+    )
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -105,6 +120,7 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
     normalise = Normaliser(device, cfg.train.channels_last)
     fault = planned_fault(cfg)
     metrics: dict[str, float] = {}
+    clock.add("setup", time.perf_counter() - setup_started)
     for epoch in range(start_epoch, cfg.train.epochs):
         if isinstance(train_loader.sampler, DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
@@ -124,8 +140,10 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
                 cfg.train.grad_clip,
                 ranks,
                 epoch,
+                clock,
             )
             train_seconds = time.perf_counter() - started
+            validation_started = time.perf_counter()
             val_metrics, confusion, per_image, predictions = validate(
                 model,
                 val_loader,
@@ -139,6 +157,7 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
                 ranks,
                 len(val_set),
             )
+            clock.add("validation", time.perf_counter() - validation_started)
         images = train_metrics.pop("images")
         epoch_seconds = time.perf_counter() - started
         gpu_seconds += epoch_seconds * ranks.world * cfg.resources.gpus_per_worker * (device.type == "cuda")
@@ -148,9 +167,12 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
             **val_metrics,
             "perf/img_per_s": images / train_seconds,
             "perf/epoch_s": epoch_seconds,
+            "perf/loader_wait_s": clock.seconds("loader"),
+            "perf/validation_s": clock.seconds("validation"),
             "perf/gpu_hours": gpu_seconds / 3600,
             "perf/peak_mem_mb": peak_memory_mb(device),
             "perf/workers": ranks.world,
+            "perf/compiled": float(compiled),
             "model/params": parameters,
             "model/gflop_per_image": gflop,
         }
@@ -170,8 +192,10 @@ def train(cfg: Config, cache: Path, reporter: Reporter, resume_from: Path | None
                 "best": best,
                 "gpu_seconds": gpu_seconds,
             }
-        with _CheckpointFolder(state, per_image) as checkpoint_dir:
+        with _CheckpointFolder(state, per_image, clock) as checkpoint_dir, clock.phase("report"):
             reporter.report(metrics, checkpoint_dir, evaluation)
+        clock.add("epoch", time.perf_counter() - started)
+        clock.lap()
     return metrics
 
 
@@ -288,7 +312,19 @@ def make_train_loader(cfg: Config, dataset: TrainDataset, ranks: Ranks, device: 
 
 
 def _train_epoch(
-    net, loader, steps, optimizer, scheduler, scaler, normalise, criterion, dtype, grad_clip, ranks: Ranks, epoch: int
+    net,
+    loader,
+    steps,
+    optimizer,
+    scheduler,
+    scaler,
+    normalise,
+    criterion,
+    dtype,
+    grad_clip,
+    ranks: Ranks,
+    epoch: int,
+    clock: EpochClock,
 ) -> dict[str, float]:
     net.train()
     device = normalise.device
@@ -296,7 +332,7 @@ def _train_epoch(
     totals = torch.zeros(len(heads) + 1, device=device)
     images = 0
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    for step, (batch, masks) in enumerate(_take(loader, steps)):
+    for step, (batch, masks) in enumerate(_take(loader, steps, clock)):
         inputs = normalise.images(batch)
         targets = normalise.targets(masks, heads)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -324,9 +360,13 @@ def _train_epoch(
     return result
 
 
-def _take(loader: DataLoader, steps: int) -> Iterator:
-    for step, batch in enumerate(loader):
-        if step >= steps:
+def _take(loader: DataLoader, steps: int, clock: EpochClock) -> Iterator:
+    """The first ``steps`` batches; the time spent waiting for them is the clock's "loader"."""
+    batches = iter(loader)
+    for _ in range(steps):
+        with clock.phase("loader"):
+            batch = next(batches, None)
+        if batch is None:
             return
         yield batch
 
@@ -335,17 +375,20 @@ class _CheckpointFolder:
     """A temporary folder holding this epoch's checkpoint (rank 0) and its validation counts
     per image (for the report's bootstrap over images), removed after reporting."""
 
-    def __init__(self, state: dict | None, per_image: np.ndarray) -> None:
+    def __init__(self, state: dict | None, per_image: np.ndarray, clock: EpochClock) -> None:
         self.state = state
         self.per_image = per_image
+        self.clock = clock
         self.path: Path | None = None
 
     def __enter__(self) -> Path | None:
         if self.state is None:
             return None
-        self.path = Path(tempfile.mkdtemp(prefix="artefact-ckpt-"))
-        save_checkpoint(self.state, self.path / CHECKPOINT_FILE)
-        np.save(self.path / VAL_IMAGES_FILE, self.per_image)
+        with self.clock.phase("checkpoint"):
+            self.path = Path(tempfile.mkdtemp(prefix="artefact-ckpt-"))
+            # Not fsync'd: the reporter copies it (Ray into the trial's storage) and it is deleted.
+            save_checkpoint(self.state, self.path / CHECKPOINT_FILE, durable=False)
+            np.save(self.path / VAL_IMAGES_FILE, self.per_image)
         return self.path
 
     def __exit__(self, *exc_info) -> None:

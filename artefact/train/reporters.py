@@ -27,6 +27,7 @@ from artefact.tracking.trials import TrialRun
 from artefact.tracking.vocabulary import STORE_PATIENCE_S, unless_store_is_away
 from artefact.train.checkpoint import CHECKPOINT_FILE, copy_atomic
 from artefact.train.loop import class_weight_table
+from artefact.train.timing import EpochClock
 from artefact.weights import weights_source
 
 EVALUATION_FOLDER = "evaluation"
@@ -116,9 +117,12 @@ figures at all. Elsewhere the interval counts from the trial's start."""
 class TrialReporter:
     """Forwards each epoch to Ray (metrics + checkpoint) and, on rank 0, to MLflow:
     metrics per epoch, the resolved config, model summary and (given the cache) class-weights
-    table once, and the best epoch's figures, at most every ``FIGURE_INTERVAL_S`` and at the end."""
+    table once, and the best epoch's figures, at most every ``FIGURE_INTERVAL_S`` and at the end.
+    Its ``clock`` times those parts (``mlflow``, ``figures``, ``send``); the loop adds its own phases
+    to it when given it."""
 
     def __init__(self, run: TrialRun | None, cfg: Config, send: Send, cache: Path | None = None) -> None:
+        self.clock = EpochClock()
         self.run = run
         self.cfg = cfg
         self.send = send
@@ -136,12 +140,15 @@ class TrialReporter:
         if self.run is not None:
             self.pending = evaluation or self.pending
             last_epoch = int(metrics["epoch"]) >= self.cfg.train.epochs
-            if not self.described:
-                self.described = unless_store_is_away(self.describe)
             if last_epoch or time.monotonic() - self.drawn_at >= FIGURE_INTERVAL_S:
-                unless_store_is_away(self.draw_figures)
-            self.run.log_epoch(metrics, step=int(metrics["epoch"]))
-        self.send(metrics, checkpoint_dir)
+                with self.clock.phase("figures"):
+                    unless_store_is_away(self.draw_figures)
+            with self.clock.phase("mlflow"):
+                if not self.described:
+                    self.described = unless_store_is_away(self.describe)
+                self.run.log_epoch(metrics, step=int(metrics["epoch"]))
+        with self.clock.phase("send"):
+            self.send(metrics, checkpoint_dir)
 
     def describe(self) -> None:
         """The resolved config, the model summary and the loss's class weights, logged once."""

@@ -22,12 +22,14 @@ from artefact.tune.space import apply_trial_params
 @dataclass(frozen=True)
 class TrialContext:
     """Where every trial of a sweep reads and logs, beside its config: the prepared cache,
-    Ray Train's storage for DDP trials, and the sweep's MLflow run (None: not logged).
+    Ray Train's storage for DDP trials, the sweep's MLflow run (None: not logged) and name.
     Small and picklable: Tune and Train send it to the trials as it is."""
 
     cache: Path
     storage: Path
     sweep: SweepRun | None = None
+    name: str | None = None
+    """The sweep's name: its trials share compiled code in a folder so named on each node."""
 
 
 def in_process(cfg: Config) -> bool:

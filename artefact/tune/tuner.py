@@ -160,7 +160,7 @@ def run_trials(
     """Start (or resume) the sweep's Tuner on the connected Ray cluster and wait for it;
     ``folds``: the cache's cross-validation folds, each a grid dimension in fair mode."""
     concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
-    context = TrialContext(cache=cache, storage=sweep_dir / TRAIN_FOLDER, sweep=sweep)
+    context = TrialContext(cache=cache, storage=sweep_dir / TRAIN_FOLDER, sweep=sweep, name=name)
     tune.register_trainable(TRIAL_NAME, _trainable(cfg, context))
     tune_path = sweep_dir / TUNE_FOLDER
     if resume:

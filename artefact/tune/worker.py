@@ -20,6 +20,7 @@ from artefact.errors import TrialFailure, UserError
 from artefact.tracking.trials import TrialRun
 from artefact.tracking.vocabulary import unless_store_is_away
 from artefact.train.checkpoint import CHECKPOINT_FILE, copy_atomic, load_checkpoint
+from artefact.train.compilation import compile_cache_folder, use_compile_cache
 from artefact.train.loop import train
 from artefact.train.reporters import TrialReporter, trial_params
 from artefact.tune.trial import TrialContext
@@ -41,7 +42,7 @@ def train_worker(cfg: Config, context: TrialContext, trial_id: str) -> None:
     if ray.train.get_context().get_world_rank() == 0 and context.sweep is not None:
         run = TrialRun(context.sweep, trial_id, trial_params(cfg))
     reporter = TrialReporter(run, cfg, send_to_train, context.cache)
-    _train_and_report(cfg, context.cache, reporter, ray.train.get_checkpoint())
+    _train_and_report(cfg, context, reporter, ray.train.get_checkpoint())
 
 
 def train_in_trial(cfg: Config, context: TrialContext, trial_id: str) -> None:
@@ -55,23 +56,26 @@ def train_in_trial(cfg: Config, context: TrialContext, trial_id: str) -> None:
     run = TrialRun(context.sweep, trial_id, trial_params(cfg)) if context.sweep is not None else None
     try:
         reporter = TrialReporter(run, cfg, send_to_tune, context.cache)
-        _train_and_report(cfg, context.cache, reporter, tune.get_checkpoint())
+        _train_and_report(cfg, context, reporter, tune.get_checkpoint())
     finally:
         if torch.cuda.is_available():  # the next trial in this process gets the memory back
             torch.cuda.empty_cache()
 
 
 def _train_and_report(
-    cfg: Config, cache: Path, reporter: TrialReporter, checkpoint: ray.train.Checkpoint | None
+    cfg: Config, context: TrialContext, reporter: TrialReporter, checkpoint: ray.train.Checkpoint | None
 ) -> None:
-    """Train from the last good checkpoint; a failure that a restart would repeat (NaN loss,
-    out of memory) is recorded, and a restarted attempt of that trial fails at once."""
+    """Train from the last good checkpoint, with the sweep's compiled code at hand; a failure
+    that a restart would repeat (NaN loss, out of memory) is recorded, and a restarted
+    attempt of that trial fails at once."""
+    if context.name is not None:
+        use_compile_cache(compile_cache_folder(context.name))
     run = reporter.run
     if run is not None and run.earlier_failure:
         _raise_recorded(run.earlier_failure)
     try:
         with _restored(checkpoint, run) as resume_from:
-            train(cfg, cache, reporter, resume_from=resume_from)
+            train(cfg, context.cache, reporter, resume_from=resume_from, clock=reporter.clock)
     except TrialFailure as failure:
         if run is not None:
             run.record_failure(f"{type(failure).__name__}: {failure}")

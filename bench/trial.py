@@ -1,0 +1,192 @@
+"""The trial item: one trial at the ``v100s-x2`` profile's epoch shape on a data set of
+ARTeFACT's size (its batch, its steps per epoch, validation of whole images every epoch,
+checkpoints, figures and MLflow on), next to the bare work it contains: the same training
+steps and validation forward passes, timed alone. Where the difference goes is read from
+the trial's ``EpochClock``.
+
+Without a GPU the model shrinks (a tiny timm encoder at 64 px) but the epoch keeps its step
+count, so the per-epoch costs weigh as much as they would there, or more.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from artefact.config import Config
+from artefact.config_files import load_config, profile_file
+from artefact.data.dataset import TrainDataset, ValDataset, load_split
+from artefact.models import build_model
+from artefact.train.checkpoint import CHECKPOINT_FILE, CHECKPOINTS_KEPT
+from artefact.train.evaluation import Normaliser, segment
+from artefact.train.hardware import amp_dtype, configure_kernels, select_device
+from artefact.train.loop import train
+from artefact.train.reporters import TrialReporter, trial_params
+from bench.throughput import bare_step_speed, loop_options
+
+TRIAL_PROFILE = "v100s-x2"
+ARTEFACT_TRAIN_IMAGES = 330
+"""Source images on the training side of a split of ARTeFACT's 418 (the rest validate or test)."""
+ARTEFACT_VAL_IMAGES = 65
+CPU_MODEL = {"encoder": "tu-test_convnext", "pretrained": False}
+CPU_DATA = {"resolution": 64, "max_side": 160}
+PHASES = ("loader", "validation", "checkpoint", "mlflow", "figures", "send")
+
+
+def trial_config(epochs: int) -> Config:
+    """The trial profile at its own batch, crops and loader workers; on a machine without a
+    GPU, with the tiny encoder and small images, loaded in the training process: there the
+    model already uses every core, and a loader worker only takes CPU from it (on 2 cores, one
+    worker made the training steps 9% slower and validation 0.3 s longer per epoch)."""
+    _, path = profile_file(TRIAL_PROFILE)
+    cfg = load_config(path, [])
+    cfg = cfg.replace(
+        model={"encoder": cfg.sweep.encoders[0], "pretrained": False},
+        train={"epochs": epochs},
+        data={"val_fraction": ARTEFACT_VAL_IMAGES / (ARTEFACT_TRAIN_IMAGES + ARTEFACT_VAL_IMAGES)},
+        resources={"trainer": "in_process"},
+    )
+    if torch.cuda.is_available():
+        return cfg.replace(resources={"gpus_per_worker": 1})
+    return cfg.replace(
+        model=CPU_MODEL,
+        data={**CPU_DATA, "num_workers": 0},
+        train={"amp": "auto", "channels_last": False},
+        resources={"gpus_per_worker": 0, "gpu_arch": None},
+    )
+
+
+def trial_cache(cfg: Config, workdir: Path, scale: float = 1.0) -> Path:
+    """A synthetic data set of ARTeFACT's size (``scale`` of it, for a quick run) at the
+    profile's image sizes, prepared as a sweep prepares it."""
+    from artefact.data.prepare import params_from, prepare
+    from artefact.data.sources.synthetic import generate
+
+    count = max(30, round((ARTEFACT_TRAIN_IMAGES + ARTEFACT_VAL_IMAGES) * scale))
+    size = (cfg.data.max_side // 2, cfg.data.max_side)
+    source = generate(workdir / "trial-source", count=count, size=size, seed=0)
+    return prepare(source, workdir / "trial-cache", params_from(cfg.data), log=lambda _: None)
+
+
+class _RayLikeStorage:
+    """Where a Tune trial's reported checkpoint goes: Ray copies the reported folder into the
+    trial's storage with ``pyarrow.fs.copy_files`` (Ray's ``StorageContext``) and keeps
+    ``CHECKPOINTS_KEPT``; done the same way here, without a Ray session."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.kept: list[Path] = []
+
+    def send(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        import shutil
+
+        import pyarrow.fs
+
+        if checkpoint_dir is None:
+            return
+        target = self.folder / f"checkpoint_{len(self.kept):06d}"
+        target.mkdir(parents=True)
+        pyarrow.fs.copy_files(str(checkpoint_dir), str(target))
+        self.kept.append(target)
+        for old in self.kept[:-CHECKPOINTS_KEPT]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def measure_trial(cfg: Config, cache: Path, workdir: Path) -> dict[str, object]:
+    """Wall time of one logged, checkpointed trial of ``cfg`` (``trial_config``) against its
+    bare work, and the per-epoch breakdown of the difference."""
+    from artefact.tracking.store import open_sweep
+    from artefact.tracking.trials import TrialRun
+
+    epochs = cfg.train.epochs
+    sweep = open_sweep(f"sqlite:///{(workdir / 'trial-mlflow.db').resolve()}", "perf-trial", {})
+    storage = _RayLikeStorage(workdir / "trial-storage")
+    reporter = TrialReporter(TrialRun(sweep, "trial", trial_params(cfg)), cfg, storage.send, cache)
+    train_set = TrainDataset(cache, cfg.data.resolution, cfg.data.crops_per_image)
+    steps = len(train_set) // cfg.train.batch_size
+    # The bare work is timed before and after the trial: this machine's speed drifts by 10%
+    # from minute to minute, and the mean of the two follows the trial's own minute better.
+    bare_runs = [_bare_epoch_seconds(cfg, cache, steps)]
+    started = time.perf_counter()
+    train(cfg, cache, reporter, clock=reporter.clock)
+    reporter.close()
+    wall = time.perf_counter() - started
+    bare_runs.append(_bare_epoch_seconds(cfg, cache, steps))
+    bare_step = statistics.fmean(step for step, _ in bare_runs)
+    bare_validation = statistics.fmean(validation for _, validation in bare_runs)
+    bare = epochs * (steps * bare_step + bare_validation)
+
+    clock = reporter.clock.epochs
+
+    def mean(name: str) -> float:
+        return statistics.fmean(epoch.get(name, 0.0) for epoch in clock)
+
+    train_seconds = [e["epoch"] - e.get("validation", 0) - e.get("checkpoint", 0) - e.get("report", 0) for e in clock]
+    per_epoch = {
+        "steps_bare": steps * bare_step,
+        "steps_extra": statistics.fmean(train_seconds) - mean("loader") - steps * bare_step,
+        "loader_wait": mean("loader"),
+        "validation_bare": bare_validation,
+        "validation_extra": mean("validation") - bare_validation,
+        "checkpoint": mean("checkpoint"),
+        "mlflow": mean("mlflow"),
+        "figures": mean("figures"),
+        "send": mean("send"),
+        "report_other": mean("report") - mean("mlflow") - mean("figures") - mean("send"),
+    }
+    checkpoint_file = storage.kept[-1] / CHECKPOINT_FILE
+    return {
+        "profile": TRIAL_PROFILE,
+        "encoder": cfg.model.encoder,
+        "resolution": cfg.data.resolution,
+        "batch_size": cfg.train.batch_size,
+        "loader_workers": cfg.data.num_workers,
+        "train_images": len(train_set.rows),
+        "val_images": len(load_split(cache, "val")),
+        "steps_per_epoch": steps,
+        "epochs": epochs,
+        "wall_s": round(wall, 2),
+        "bare_s": round(bare, 2),
+        "wall_over_bare": round(wall / bare, 3),
+        "overhead_share": round((wall - bare) / wall, 3),
+        "setup_s": round(clock[0].get("setup", 0.0), 2),
+        "close_s": round(wall - sum(e.get("setup", 0.0) + e["epoch"] for e in clock), 2),
+        "epoch_s": [round(e["epoch"], 2) for e in clock],
+        "per_epoch_s": {name: round(value, 3) for name, value in per_epoch.items()},
+        "checkpoint_mb": round(checkpoint_file.stat().st_size / 2**20, 1),
+    }
+
+
+def _bare_epoch_seconds(cfg: Config, cache: Path, steps: int) -> tuple[float, float]:
+    """(one training step, one validation pass) of bare work: the bare loop's step (model,
+    loss, AMP, AdamW on a batch already on the device), and the validation forward passes."""
+    dtype, options = loop_options(cfg, cfg.train.epochs * steps)
+    speed = bare_step_speed(cfg, dtype, steps, **options)
+    return cfg.train.batch_size / speed["img_per_s"], _bare_validation_seconds(cfg, cache)
+
+
+@torch.no_grad()
+def _bare_validation_seconds(cfg: Config, cache: Path) -> float:
+    """The validation pass's forward passes alone: every validation image already on the
+    device, tiled at the training resolution as validation tiles it; no loss, no counts."""
+    device = select_device(cfg.train.device)
+    configure_kernels(device)
+    dtype = amp_dtype(cfg.train.amp, device)
+    model = build_model(cfg.model, cfg.data.resolution).to(device).eval()
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    normalise = Normaliser(device, cfg.train.channels_last)
+    val_set = ValDataset(cache, cfg.data.resolution)
+    images = [val_set[index][0].unsqueeze(0).to(device) for index in range(len(val_set))]
+    segment(model, images[0], normalise, dtype, cfg.data.resolution, cfg.train.batch_size)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for image in images:
+        segment(model, image, normalise, dtype, cfg.data.resolution, cfg.train.batch_size)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
