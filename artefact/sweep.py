@@ -20,6 +20,7 @@ from artefact.config_files import dump_yaml
 from artefact.data.cache import cache_params, fold_names, fold_sizes, is_cache
 from artefact.data.prepare import ensure_cache
 from artefact.errors import SweepInterrupted, UserError
+from artefact.gpu_busy import GpuBusySampler, nvml_reader, report_line
 from artefact.predict import log_best
 from artefact.preflight import check_results_folder, validate
 from artefact.report.comparison import verdicts
@@ -27,7 +28,7 @@ from artefact.report.figures import optuna_figures
 from artefact.report.folds import fold_markdown, fold_rows, render_fold_text, write_folds
 from artefact.report.leaderboard import failed_trials, leaderboard, render_text, write_leaderboard, write_plots
 from artefact.report.pareto import describe_front, front_markdown, front_rows, write_pareto
-from artefact.tracking.store import delete_sweep, finish_sweep, log_sweep_artifacts, open_sweep
+from artefact.tracking.store import delete_sweep, finish_sweep, log_sweep_artifacts, log_sweep_metrics, open_sweep
 from artefact.tracking.trials import close_open_trials, close_replaced_trials, close_trial, trial_histories
 from artefact.tracking.vocabulary import SweepRun, run_page
 from artefact.tune import cluster
@@ -90,7 +91,13 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         log(f"Ray cluster: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
         if folds:
             log(f"cross-validation by {cfg.data.cv}: {len(folds)} folds, each holding out one of {', '.join(folds)}")
-        results = run_trials(cfg, cache, sweep_dir, request.name, tracking, request.resume, request.verbose, len(folds))
+        with GpuBusySampler(nvml_reader() if cfg.resources.gpus_per_worker > 0 else None) as busy:
+            results = run_trials(
+                cfg, cache, sweep_dir, request.name, tracking, request.resume, request.verbose, len(folds)
+            )
+        if busy.shares() is not None:  # this node's GPUs only: the other nodes' are not sampled
+            log(report_line(busy.shares()))
+            log_sweep_metrics(tracking, {f"gpu/busy_share/{i}": share for i, share in enumerate(busy.shares())})
         stopping_ray = cluster.stop_meanwhile()
         finished = results.num_terminated + results.num_errors
         asked = trial_count(cfg, len(folds))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from artefact.config import Config
 from artefact.config_files import read_yaml
+from artefact.gpu_busy import REPORT_PREFIX
 from artefact.tune.tuner import max_concurrent_trials
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +97,14 @@ def sweep_overhead(
         "after_trials_s": round(started + wall - last_end),
         "startup_s_per_trial": round(sum(startup) / len(startup), 2),
         "startup_s_max": round(max(startup), 2),
+        "gpu_busy_share": gpu_busy_shares(stdout),
     }
+
+
+def gpu_busy_shares(stdout: str) -> list[float] | None:
+    """Each GPU's busy share as the sweep printed it (only where it had GPUs and NVML)."""
+    found = re.search(rf"{re.escape(REPORT_PREFIX)}(.*)", stdout)
+    return [int(share) / 100 for share in re.findall(r"GPU \d+ (\d+)%", found.group(1))] if found else None
 
 
 def _csv_rows(path: Path) -> list[dict[str, str]]:

@@ -68,6 +68,7 @@ FIELDS = {
         "before_trials_s",
         "after_trials_s",
         "startup_s_per_trial",
+        "gpu_busy_share",
     },
     "early_stopping": {
         "search_trials",
@@ -121,6 +122,7 @@ def test_quick_benchmark_writes_every_field(tmp_path: Path) -> None:
         printed = re.search(rf"repeat 1/1 {row}: ([\d.]+) img/s", done.stdout)
         assert printed and float(printed.group(1)) == pytest.approx(speeds[0], abs=0.06), row
     assert results["sweep"]["trials"] == 2 and results["early_stopping"]["search_trials"] == 2
+    assert results["sweep"]["gpu_busy_share"] is None  # a CPU sweep samples no GPU
     assert results["early_stopping"]["epochs_run"] <= results["early_stopping"]["epochs_at_full_length"]
     assert results["early_stopping"]["grace_period"] == 1  # an eighth of 2 epochs, at least 1
     # The referee trains the very configurations the search sampled (same seed), to full length.

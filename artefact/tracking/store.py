@@ -9,13 +9,14 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from contextlib import closing
 from pathlib import Path
 
 import mlflow.version
-from mlflow.entities import RunTag
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from artefact.config_files import absolute_sqlite
@@ -186,6 +187,12 @@ def log_sweep_artifacts(run: SweepRun, paths: list[Path], folder: str | None = N
     client = MlflowClient(run.uri)
     for path in paths:
         client.log_artifact(run.parent_run_id, str(path), folder)
+
+
+def log_sweep_metrics(run: SweepRun, metrics: dict[str, float]) -> None:
+    MlflowClient(run.uri).log_batch(
+        run.parent_run_id, metrics=[Metric(key, value, int(time.time() * 1000), 0) for key, value in metrics.items()]
+    )
 
 
 def delete_sweep(run: SweepRun) -> None:
