@@ -287,8 +287,9 @@ class ResourcesConfig:
     workers_per_trial: int = 1
     """Ray Train workers (DDP ranks) per trial."""
     cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    """Fractions below 1 pack several trials onto one GPU."""
+    gpus_per_worker: float | str = 0.0
+    """Fractions below 1 pack several trials onto one GPU; ``auto`` packs as many as fit the
+    GPU's memory (``gpu_memory_gb``) and the node's CPUs, up to 4 (``gpu_memory.resolve_gpu_packing``)."""
     gpu_memory_gb: float | None = None
     """Memory of one GPU, to refuse batch sizes that cannot fit before the sweep starts."""
     gpu_memory_margin: float = 0.0
@@ -325,15 +326,15 @@ class ResourcesConfig:
         _check(self.node_gpus >= 0, "resources.node_gpus", self.node_gpus, ">= 0")
         _check(self.node_memory_gb >= 1, "resources.node_memory_gb", self.node_memory_gb, ">= 1")
         _check(self.cpus_per_worker > 0, "resources.cpus_per_worker", self.cpus_per_worker, "> 0")
-        _check(self.gpus_per_worker >= 0, "resources.gpus_per_worker", self.gpus_per_worker, ">= 0")
         _check(
             0 <= self.gpu_memory_margin < 1, "resources.gpu_memory_margin", self.gpu_memory_margin, "0 <= margin < 1"
         )
+        gpus = self.gpus_per_worker
         _check(
-            self.gpus_per_worker <= 1 or self.gpus_per_worker == int(self.gpus_per_worker),
+            gpus == "auto" or (not isinstance(gpus, str) and gpus >= 0 and (gpus <= 1 or gpus == int(gpus))),
             "resources.gpus_per_worker",
-            self.gpus_per_worker,
-            "a fraction <= 1 or a whole number",
+            gpus,
+            "auto, a fraction <= 1 or a whole number",
         )
 
 

@@ -115,16 +115,25 @@ class SweepFlags:
 
 
 def load_config(
-    path: Path | None = None, overrides: list[str] | None = None, flags: SweepFlags | None = None
+    path: Path | None = None, overrides: list[str] | None = None, flags: SweepFlags | None = None, log=None
 ) -> Config:
-    """A profile (or the defaults) with the main job's flags, then ``--set`` overrides, applied."""
+    """A profile (or the defaults) with the main job's flags, then ``--set`` overrides, applied;
+    ``resources.gpus_per_worker: auto`` resolved to a number (and the choice given to ``log``)."""
     raw = read_yaml(path) if path is not None else {}
     where = str(path) if path else "config"
     if flags is not None:
         raw = deep_merge(raw, flags.sections())
         where = f"{where} with command-line flags"
     raw = deep_merge(raw, parse_overrides(overrides or []))
-    return from_dict(raw, where)
+    cfg = from_dict(raw, where)
+    if cfg.resources.gpus_per_worker != "auto":
+        return cfg
+    from artefact.gpu_memory import resolve_gpu_packing  # builds models on the meta device
+
+    cfg, choice = resolve_gpu_packing(cfg)
+    if choice and log is not None:
+        log(choice)
+    return cfg
 
 
 def dump_yaml(config: Config) -> str:

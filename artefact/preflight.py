@@ -2,10 +2,6 @@
 GPU architecture, data path, fault plans, the SLURM allocation), the results folder's disk
 space, the sweep's name and the tracking store. Every check that can fail on user input runs
 here, before the Ray cluster starts, and reports every problem it finds, one line each.
-
-GPU memory is estimated on PyTorch's meta device (no weights, no compute): one forward pass
-counts the bytes autograd saves for the backward pass, so an impossible batch size fails in
-seconds instead of as an out-of-memory error an hour into the sweep.
 """
 
 from __future__ import annotations
@@ -19,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from artefact.config import Config, ModelConfig, SweepRequest
+from artefact.config import Config, SweepRequest
 from artefact.config_files import read_yaml
 from artefact.config_tree import flatten, to_dict
 from artefact.errors import Problems, UserError
+from artefact.gpu_memory import check_fits
 from artefact.models import count_parameters, meta_model
 from artefact.tracking.store import check_store, sweep_exists
 from artefact.train.checkpoint import sweep_checkpoint_bytes
@@ -31,54 +28,6 @@ from artefact.train.hardware import check_arch_built, check_cuda_usable, check_g
 from artefact.tune.space import trial_count
 from artefact.tune.tuner import can_resume, max_concurrent_trials
 from artefact.weights import check_pretrained, resolve_all
-
-OPTIMISER_COPIES = 4
-"""fp32 weights, gradients and AdamW's two moments."""
-CUDA_OVERHEAD_GB = 0.75
-"""CUDA context, cuDNN workspaces and allocator slack, measured loosely."""
-
-
-def estimate_training_gb(model_cfg: ModelConfig, resolution: int, batch_size: int, amp: bool) -> float:
-    """Estimated peak training memory in GB for one worker."""
-    saved = 0
-
-    def count(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal saved
-        saved += tensor.numel() * tensor.element_size()
-        return tensor
-
-    model = meta_model(model_cfg, resolution)
-    # Two images, not one: in training mode UPerNet's pooled BatchNorm refuses a batch of one.
-    with torch.device("meta"), torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
-        model(torch.zeros(2, 3, resolution, resolution))
-    activations = saved / 2 * (0.5 if amp else 1.0) * batch_size
-    return (count_parameters(model) * 4 * OPTIMISER_COPIES + activations) / 2**30 + CUDA_OVERHEAD_GB
-
-
-def check_fits(cfg: Config) -> None:
-    """Refuse a sweep whose largest batch cannot fit the profile's share of a GPU (one line
-    per encoder that does not fit)."""
-    res = cfg.resources
-    if res.gpu_memory_gb is None or res.gpus_per_worker == 0:
-        return
-    share = res.gpu_memory_gb * min(1.0, res.gpus_per_worker) * (1 - res.gpu_memory_margin)
-    margin = f", less a margin of {res.gpu_memory_margin:.0%}" if res.gpu_memory_margin else ""
-    asked = max(cfg.sweep.batch_sizes) if cfg.sweep.mode == "search" else cfg.train.batch_size
-    problems = Problems()
-    for encoder in cfg.sweep.encoders:
-        with problems.check():  # every encoder that does not fit, not only the first
-            batch, _ = cfg.sweep.scaled_batch(encoder, asked, cfg.train.lr)
-            model = ModelConfig(cfg.model.arch, encoder, cfg.model.heads, False)
-            need = estimate_training_gb(model, cfg.data.resolution, batch, cfg.train.amp != "off")
-            if need > share:
-                raise UserError(
-                    f"batch size {batch} with {encoder} ({cfg.model.arch}, {cfg.data.resolution} px) needs about"
-                    f" {need:.1f} GB, but each trial gets {share:.1f} GB (resources.gpu_memory_gb ="
-                    f" {res.gpu_memory_gb} x gpus_per_worker = {res.gpus_per_worker}{margin}). Lower"
-                    f" sweep.batch_sizes / train.batch_size (or sweep.encoder_max_batch.{encoder}) or"
-                    " data.resolution, or give each trial more of a GPU."
-                )
-    problems.raise_any()
 
 
 def allocation_resources() -> dict[str, float] | None:

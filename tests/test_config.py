@@ -123,6 +123,8 @@ def test_python_tags_are_refused(tmp_path: Path, tag: str) -> None:
         (["train.compile=always"], "train.compile"),
         (["train.steps_per_epoch=0"], "train.steps_per_epoch"),
         (["resources.gpus_per_worker=1.5"], "resources.gpus_per_worker"),
+        (["resources.gpus_per_worker=half"], "resources.gpus_per_worker"),
+        (["resources.gpus_per_worker=-1"], "resources.gpus_per_worker"),
         (["resources.trainer=ray-train"], "resources.trainer"),
         (["resources.trainer=in_process", "resources.workers_per_trial=2"], "resources.trainer"),
         (["resources.gpu_arch=sm70"], "resources.gpu_arch"),

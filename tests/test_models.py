@@ -13,6 +13,7 @@ from builders import small_config
 
 from artefact.config import ModelConfig
 from artefact.errors import UserError
+from artefact.gpu_memory import estimate_training_gb
 from artefact.models import (
     ENCODER_ALIASES,
     build_model,
@@ -21,7 +22,6 @@ from artefact.models import (
     resolve_encoder,
     smp_native_encoders,
 )
-from artefact.preflight import estimate_training_gb
 from artefact.train.loop import train
 from artefact.train.reporters import LocalReporter
 

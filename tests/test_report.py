@@ -11,7 +11,7 @@ import pytest
 from artefact.config import ModelConfig
 from artefact.config_files import PROFILES, load_config
 from artefact.errors import TrainingDiverged, UserError
-from artefact.preflight import check_fits, estimate_training_gb
+from artefact.gpu_memory import check_fits, estimate_training_gb
 from artefact.report.leaderboard import leaderboard, render_text, write_leaderboard
 from artefact.report.trials import TrialSummary
 from artefact.tune.results import _root_cause, _training_time
@@ -108,3 +108,28 @@ def test_a_ray_train_trial_fails_with_its_worker_reason_not_trains_wrapper() -> 
     on_worker = RayTaskError("train_fn", "traceback", diverged)
     error = WorkerGroupError("[Rank 0 Error Snippet]: ...", {1: ValueError("rank 1 saw rank 0 go"), 0: on_worker})
     assert _root_cause(error) == "TrainingDiverged: the training loss became NaN or infinite at epoch 2, by step 9"
+
+
+def test_auto_packing_fits_the_trials_a_gpu_can_hold_and_the_node_can_feed() -> None:
+    """On the V100S node, auto chooses what the profile chose by hand (two trials per 32 GB
+    GPU: CoAtNet-0 at batch 32 needs about 15.5 GB); the laptop's 6 GB GPU holds one; small
+    models are held back by the node's CPUs, then by the cap of four."""
+    said = []
+    v100s = load_config(PROFILES / "v100s-x2.yaml", ["resources.gpus_per_worker=auto"], log=said.append)
+    assert v100s.resources.gpus_per_worker == 0.5 == load_config(PROFILES / "v100s-x2.yaml").resources.gpus_per_worker
+    assert said and "2 trial(s) per GPU; coatnet_0 at batch 32" in said[0]
+    check_fits(v100s)
+    laptop = load_config(PROFILES / "laptop.yaml", ["resources.gpus_per_worker=auto"])
+    assert laptop.resources.gpus_per_worker == 1.0
+    tiny = ["resources.gpus_per_worker=auto", "sweep.encoders=[tu-test_convnext]"]
+    assert load_config(PROFILES / "v100s-x2.yaml", tiny).resources.gpus_per_worker == 0.5  # 16 CPUs / 2 GPUs / 3
+    many_cpus = [*tiny, "resources.node_cpus=64"]
+    assert load_config(PROFILES / "v100s-x2.yaml", many_cpus).resources.gpus_per_worker == 0.25  # at most 4
+    thirds = [*many_cpus, "resources.gpu_memory_gb=12"]  # 3.6 GB each: room for 3
+    assert load_config(PROFILES / "v100s-x2.yaml", thirds).resources.gpus_per_worker == 0.3333
+
+
+def test_auto_packing_without_the_gpus_memory_is_refused_naming_the_fields(bad_input_tried) -> None:
+    with pytest.raises(UserError, match=r"gpus_per_worker = auto .* resources\.gpu_memory_gb .* resources\.node_gpus"):
+        load_config(None, ["resources.gpus_per_worker=auto", "resources.node_gpus=1"])
+    bad_input_tried("resources.gpus_per_worker=auto without resources.gpu_memory_gb")
