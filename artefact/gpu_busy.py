@@ -38,8 +38,8 @@ class GpuBusySampler:
 
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        if self._thread is not None:  # a hung NVML call must not hold up the sweep's end
+            self._thread.join(timeout=self.interval_s + 5)
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -57,7 +57,8 @@ class GpuBusySampler:
 
 def nvml_reader() -> Reader | None:
     """NVML's utilisation of the GPUs this process may use (``CUDA_VISIBLE_DEVICES``, by
-    index or UUID), or None where NVML or its driver library is missing."""
+    UUID, or by index taken in NVML's PCI-bus order, which is SLURM's with ``AutoDetect=nvml``),
+    or None where NVML or its driver library is missing."""
     try:
         import pynvml
 

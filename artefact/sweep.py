@@ -30,7 +30,7 @@ from artefact.report.leaderboard import failed_trials, leaderboard, render_text,
 from artefact.report.pareto import describe_front, front_markdown, front_rows, write_pareto
 from artefact.tracking.store import delete_sweep, finish_sweep, log_sweep_artifacts, log_sweep_metrics, open_sweep
 from artefact.tracking.trials import close_open_trials, close_replaced_trials, close_trial, trial_histories
-from artefact.tracking.vocabulary import SweepRun, run_page
+from artefact.tracking.vocabulary import SweepRun, run_page, unless_store_is_away
 from artefact.tune import cluster
 from artefact.tune.ray_env import sweep_token_file
 from artefact.tune.results import summarise
@@ -97,7 +97,8 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
             )
         if busy.shares() is not None:  # this node's GPUs only: the other nodes' are not sampled
             log(report_line(busy.shares()))
-            log_sweep_metrics(tracking, {f"gpu/busy_share/{i}": share for i, share in enumerate(busy.shares())})
+            shares = {f"gpu/busy_share/{i}": share for i, share in enumerate(busy.shares())}
+            unless_store_is_away(lambda: log_sweep_metrics(tracking, shares))
         stopping_ray = cluster.stop_meanwhile()
         finished = results.num_terminated + results.num_errors
         asked = trial_count(cfg, len(folds))

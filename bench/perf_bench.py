@@ -320,7 +320,7 @@ def run_items(
     if {"trial", "compile"} & set(items):
         from bench.trial import trial_cache, trial_config
 
-        shape = trial_config(sizes.trial_epochs)
+        shape = trial_config(sizes.trial_epochs, overrides)
         shape_cache = trial_cache(shape, workdir, sizes.trial_data_scale)
 
     def workspace(cfg) -> Path:

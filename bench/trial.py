@@ -25,6 +25,7 @@ from artefact.train.evaluation import Normaliser, segment
 from artefact.train.hardware import amp_dtype, configure_kernels, select_device
 from artefact.train.loop import train
 from artefact.train.reporters import TrialReporter, trial_params
+from artefact.train.timing import training_seconds
 from bench.throughput import bare_step_speed, loop_options
 
 TRIAL_PROFILE = "v100s-x2"
@@ -33,16 +34,16 @@ ARTEFACT_TRAIN_IMAGES = 330
 ARTEFACT_VAL_IMAGES = 65
 CPU_MODEL = {"encoder": "tu-test_convnext", "pretrained": False}
 CPU_DATA = {"resolution": 64, "max_side": 160}
-PHASES = ("loader", "validation", "checkpoint", "mlflow", "figures", "send")
 
 
-def trial_config(epochs: int) -> Config:
-    """The trial profile at its own batch, crops and loader workers; on a machine without a
+def trial_config(epochs: int, overrides: list[str]) -> Config:
+    """The trial profile (with the benchmark's ``--set`` overrides: ``train.amp=bf16`` on an
+    H100, say) at its own batch, crops and loader workers; on a machine without a
     GPU, with the tiny encoder and small images, loaded in the training process: there the
     model already uses every core, and a loader worker only takes CPU from it (on 2 cores, one
     worker made the training steps 9% slower and validation 0.3 s longer per epoch)."""
     _, path = profile_file(TRIAL_PROFILE)
-    cfg = load_config(path, [])
+    cfg = load_config(path, overrides)
     cfg = cfg.replace(
         model={"encoder": cfg.sweep.encoders[0], "pretrained": False},
         train={"epochs": epochs},
@@ -106,7 +107,7 @@ def measure_trial(cfg: Config, cache: Path, workdir: Path) -> dict[str, object]:
     storage = _RayLikeStorage(workdir / "trial-storage")
     reporter = TrialReporter(TrialRun(sweep, "trial", trial_params(cfg)), cfg, storage.send, cache)
     train_set = TrainDataset(cache, cfg.data.resolution, cfg.data.crops_per_image)
-    steps = len(train_set) // cfg.train.batch_size
+    steps = min(len(train_set) // cfg.train.batch_size, cfg.train.steps_per_epoch or len(train_set))
     # The bare work is timed before and after the trial: this machine's speed drifts by 10%
     # from minute to minute, and the mean of the two follows the trial's own minute better.
     bare_runs = [_bare_epoch_seconds(cfg, cache, steps)]
@@ -124,7 +125,7 @@ def measure_trial(cfg: Config, cache: Path, workdir: Path) -> dict[str, object]:
     def mean(name: str) -> float:
         return statistics.fmean(epoch.get(name, 0.0) for epoch in clock)
 
-    train_seconds = [e["epoch"] - e.get("validation", 0) - e.get("checkpoint", 0) - e.get("report", 0) for e in clock]
+    train_seconds = [training_seconds(epoch) for epoch in clock]
     per_epoch = {
         "steps_bare": steps * bare_step,
         "steps_extra": statistics.fmean(train_seconds) - mean("loader") - steps * bare_step,

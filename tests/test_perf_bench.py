@@ -313,6 +313,7 @@ def test_a_second_run_of_an_encoder_finds_the_compile_cache_warm(tmp_path: Path,
     assert (eager["compiled"], cold["compiled"], warm["compiled"]) == (False, True, True)
     assert cold["fx_graph_cache_misses"] > 0 and cold["fx_graph_cache_hits"] == 0
     assert warm["fx_graph_cache_hits"] == cold["fx_graph_cache_misses"] and warm["fx_graph_cache_misses"] == 0
-    assert warm["compile_s"] < cold["compile_s"] and result["cache_mb"] > 0
+    assert warm["first_epoch_extra_s"] < cold["first_epoch_extra_s"] and result["cache_mb"] > 0
+    assert result["warm_compile_s"] < result["cold_compile_s"]
     for field in ("step_gain", "cold_compile_s", "warm_compile_s", "auto_break_even_images"):
         assert field in result

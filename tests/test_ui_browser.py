@@ -102,7 +102,7 @@ def test_compare_view_of_two_trials_shows_fine_miou(mlflow_ui, sweep, page) -> N
     page.get_by_text("Comparing 2 Runs").wait_for()
     # The metrics table is a virtual list: scroll it (with the wheel, which keeps its name
     # and value columns in step) until the val/miou_fine row is drawn.
-    anchor = page.get_by_role("link", name="perf/img_per_s", exact=True)
+    anchor = page.get_by_role("link", name="perf/epoch_s", exact=True)  # a row the tall window shows
     anchor.wait_for()
     box = anchor.bounding_box()
     page.mouse.move(box["x"] + box["width"] + 250, box["y"] + box["height"] / 2)

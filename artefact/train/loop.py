@@ -94,10 +94,6 @@ def train(
     val_set = ValDataset(cache, data.resolution, data.in_memory, data.fold)
     train_loader = make_train_loader(cfg, train_set, ranks, device)
     steps_per_epoch = min(len(train_loader), cfg.train.steps_per_epoch or len(train_loader))
-    planned_images = cfg.train.epochs * steps_per_epoch * cfg.train.batch_size * ranks.world
-    compiled = compiles(cfg.train.compile, device, planned_images)
-    if compiled:
-        net = torch.compile(net)
     val_shard = Subset(val_set, list(range(ranks.rank, len(val_set), ranks.world)))
     val_ids = [val_set.rows[index]["id"] for index in val_shard.indices]
     val_loader = DataLoader(
@@ -116,6 +112,12 @@ def train(
     start_epoch, best, gpu_seconds = 0, -math.inf, 0.0
     if resume_from is not None:
         start_epoch, best, gpu_seconds = _restore(resume_from, model, optimizer, scheduler, scaler)
+    # Images left for this rank: each rank compiles for itself, and a resumed run has fewer to go.
+    compiled = compiles(
+        cfg.train.compile, device, (cfg.train.epochs - start_epoch) * steps_per_epoch * cfg.train.batch_size
+    )
+    if compiled:
+        net = torch.compile(net)
 
     normalise = Normaliser(device, cfg.train.channels_last)
     fault = planned_fault(cfg)
@@ -167,6 +169,7 @@ def train(
             **val_metrics,
             "perf/img_per_s": images / train_seconds,
             "perf/epoch_s": epoch_seconds,
+            # Host time spent waiting for batches: on a GPU, queued kernels may hide some of it.
             "perf/loader_wait_s": clock.seconds("loader"),
             "perf/validation_s": clock.seconds("validation"),
             "perf/gpu_hours": gpu_seconds / 3600,

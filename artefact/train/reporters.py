@@ -140,12 +140,13 @@ class TrialReporter:
         if self.run is not None:
             self.pending = evaluation or self.pending
             last_epoch = int(metrics["epoch"]) >= self.cfg.train.epochs
+            if not self.described:
+                with self.clock.phase("mlflow"):
+                    self.described = unless_store_is_away(self.describe)
             if last_epoch or time.monotonic() - self.drawn_at >= FIGURE_INTERVAL_S:
                 with self.clock.phase("figures"):
                     unless_store_is_away(self.draw_figures)
             with self.clock.phase("mlflow"):
-                if not self.described:
-                    self.described = unless_store_is_away(self.describe)
                 self.run.log_epoch(metrics, step=int(metrics["epoch"]))
         with self.clock.phase("send"):
             self.send(metrics, checkpoint_dir)

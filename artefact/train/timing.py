@@ -35,3 +35,9 @@ class EpochClock:
         """The epoch is over: its phases go to ``epochs``, and the next epoch starts from zero."""
         self.epochs.append(self._seconds)
         self._seconds = {}
+
+
+def training_seconds(epoch: dict[str, float]) -> float:
+    """An epoch's training steps and their loader waits: the epoch less its validation,
+    checkpoint and report."""
+    return epoch["epoch"] - sum(epoch.get(phase, 0.0) for phase in ("validation", "checkpoint", "report"))
