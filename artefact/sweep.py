@@ -95,9 +95,10 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
             results = run_trials(
                 cfg, cache, sweep_dir, request.name, tracking, request.resume, request.verbose, len(folds)
             )
-        if busy.shares() is not None:  # this node's GPUs only: the other nodes' are not sampled
-            log(report_line(busy.shares()))
-            shares = {f"gpu/busy_share/{i}": share for i, share in enumerate(busy.shares())}
+        busy_shares = busy.shares()
+        if busy_shares is not None:  # this node's GPUs only: the other nodes' are not sampled
+            log(report_line(busy_shares))
+            shares = {f"gpu/busy_share/{i}": share for i, share in enumerate(busy_shares)}
             unless_store_is_away(lambda: log_sweep_metrics(tracking, shares))
         stopping_ray = cluster.stop_meanwhile()
         finished = results.num_terminated + results.num_errors

@@ -61,14 +61,16 @@ def _run(cfg: Config, cache: Path, folder: Path) -> dict[str, object]:
     use_compile_cache(folder)
     from torch._dynamo.utils import counters
 
+    from artefact.data.dataset import TrainDataset
     from artefact.train.loop import train
     from artefact.train.timing import EpochClock, training_seconds
+    from bench.trial import steps_per_epoch
 
     clock = EpochClock()
     metrics = train(cfg, cache, _Quiet(), clock=clock)
     training = [training_seconds(epoch) for epoch in clock.epochs]
     steady = statistics.median(training[1:])
-    steps = _steps(cfg, cache)
+    steps = steps_per_epoch(cfg, TrainDataset(cache, cfg.data.resolution, cfg.data.crops_per_image))
     return {
         "device": select_device(cfg.train.device).type,
         "compiled": bool(metrics["perf/compiled"]),
@@ -77,10 +79,3 @@ def _run(cfg: Config, cache: Path, folder: Path) -> dict[str, object]:
         "fx_graph_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
         "fx_graph_cache_misses": counters["inductor"]["fxgraph_cache_miss"],
     }
-
-
-def _steps(cfg: Config, cache: Path) -> int:
-    from artefact.data.dataset import TrainDataset
-
-    batches = len(TrainDataset(cache, cfg.data.resolution, cfg.data.crops_per_image)) // cfg.train.batch_size
-    return min(batches, cfg.train.steps_per_epoch or batches)

@@ -107,7 +107,7 @@ def measure_trial(cfg: Config, cache: Path, workdir: Path) -> dict[str, object]:
     storage = _RayLikeStorage(workdir / "trial-storage")
     reporter = TrialReporter(TrialRun(sweep, "trial", trial_params(cfg)), cfg, storage.send, cache)
     train_set = TrainDataset(cache, cfg.data.resolution, cfg.data.crops_per_image)
-    steps = min(len(train_set) // cfg.train.batch_size, cfg.train.steps_per_epoch or len(train_set))
+    steps = steps_per_epoch(cfg, train_set)
     # The bare work is timed before and after the trial: this machine's speed drifts by 10%
     # from minute to minute, and the mean of the two follows the trial's own minute better.
     bare_runs = [_bare_epoch_seconds(cfg, cache, steps)]
@@ -159,6 +159,12 @@ def measure_trial(cfg: Config, cache: Path, workdir: Path) -> dict[str, object]:
         "per_epoch_s": {name: round(value, 3) for name, value in per_epoch.items()},
         "checkpoint_mb": round(checkpoint_file.stat().st_size / 2**20, 1),
     }
+
+
+def steps_per_epoch(cfg: Config, train_set: TrainDataset) -> int:
+    """The training steps of one epoch, as the loop takes them (whole batches, capped)."""
+    batches = len(train_set) // cfg.train.batch_size
+    return min(batches, cfg.train.steps_per_epoch or batches)
 
 
 def _bare_epoch_seconds(cfg: Config, cache: Path, steps: int) -> tuple[float, float]:
