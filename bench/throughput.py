@@ -54,17 +54,15 @@ def loop_options(cfg: Config, planned_steps: int) -> tuple[torch.dtype | None, d
     return amp_dtype(cfg.train.amp, device), {"channels_last": cfg.train.channels_last, "compile_model": compiled}
 
 
-def bare_step_speed(
+def bare_step(
     cfg: Config,
     dtype: torch.dtype | None,
-    steps: int,
-    warmup: int = 3,
     batch_size: int | None = None,
     channels_last: bool = False,
     compile_model: bool = False,
-) -> dict[str, float]:
-    """The baseline: the same model, loss and AMP, on one batch already on the device;
-    forward, backward and an AdamW step, nothing else."""
+) -> Callable[[], None]:
+    """The baseline's training step: the same model, loss and AMP, on one batch already on
+    the device; forward, backward and an AdamW step, nothing else."""
     device = select_device(cfg.train.device)
     configure_kernels(device)
     batch = batch_size or cfg.train.batch_size
@@ -81,8 +79,6 @@ def bare_step_speed(
     targets = {head: torch.from_numpy(HEAD_LUTS[head]).to(device)[fine].long() for head in criterion.head_weights}
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -93,6 +89,24 @@ def bare_step_speed(
         scaler.step(optimizer)
         scaler.update()
 
+    return step
+
+
+def bare_step_speed(
+    cfg: Config,
+    dtype: torch.dtype | None,
+    steps: int,
+    warmup: int = 3,
+    batch_size: int | None = None,
+    channels_last: bool = False,
+    compile_model: bool = False,
+) -> dict[str, float]:
+    """Images per second of ``bare_step`` (and its peak GPU memory, on a GPU)."""
+    device = select_device(cfg.train.device)
+    batch = batch_size or cfg.train.batch_size
+    step = bare_step(cfg, dtype, batch, channels_last, compile_model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     seconds = timed_steps(step, steps, warmup, device)
     result = {"img_per_s": batch * steps / seconds, "batch_size": batch}
     if device.type == "cuda":

@@ -22,11 +22,11 @@ from artefact.data.dataset import TrainDataset, ValDataset, load_split
 from artefact.models import build_model
 from artefact.train.checkpoint import CHECKPOINT_FILE, CHECKPOINTS_KEPT
 from artefact.train.evaluation import Normaliser, segment
-from artefact.train.hardware import amp_dtype, configure_kernels, select_device
+from artefact.train.hardware import select_device
 from artefact.train.loop import train
 from artefact.train.reporters import TrialReporter, trial_params
 from artefact.train.timing import training_seconds
-from bench.throughput import bare_step_speed, loop_options
+from bench.throughput import bare_step, loop_options, timed_steps
 
 TRIAL_PROFILE = "v100s-x2"
 ARTEFACT_TRAIN_IMAGES = 330
@@ -105,20 +105,31 @@ def measure_trial(cfg: Config, cache: Path, workdir: Path) -> dict[str, object]:
     epochs = cfg.train.epochs
     sweep = open_sweep(f"sqlite:///{(workdir / 'trial-mlflow.db').resolve()}", "perf-trial", {})
     storage = _RayLikeStorage(workdir / "trial-storage")
-    reporter = TrialReporter(TrialRun(sweep, "trial", trial_params(cfg)), cfg, storage.send, cache)
     train_set = TrainDataset(cache, cfg.data.resolution, cfg.data.crops_per_image)
     steps = steps_per_epoch(cfg, train_set)
-    # The bare work is timed before and after the trial: this machine's speed drifts by 10%
-    # from minute to minute, and the mean of the two follows the trial's own minute better.
-    bare_runs = [_bare_epoch_seconds(cfg, cache, steps)]
+    # The bare work runs after each of the trial's epochs, inside its report: this machine's
+    # speed drifts by 10% from minute to minute, and work timed in the same minute drifts with
+    # it. Its time is taken out of the trial's, and out of the figures' drawing interval.
+    bare_epoch = _BareEpoch(cfg, cache, steps)
+    bare_runs: list[tuple[float, float]] = []
+
+    def send(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        storage.send(metrics, checkpoint_dir)
+        started = time.perf_counter()
+        bare_runs.append(bare_epoch())
+        seconds = time.perf_counter() - started
+        reporter.clock.add("bare", seconds)
+        reporter.drawn_at += seconds
+
+    reporter = TrialReporter(TrialRun(sweep, "trial", trial_params(cfg)), cfg, send, cache)
     started = time.perf_counter()
     train(cfg, cache, reporter, clock=reporter.clock)
     reporter.close()
-    wall = time.perf_counter() - started
-    bare_runs.append(_bare_epoch_seconds(cfg, cache, steps))
-    bare_step = statistics.fmean(step for step, _ in bare_runs)
-    bare_validation = statistics.fmean(validation for _, validation in bare_runs)
-    bare = epochs * (steps * bare_step + bare_validation)
+    bare_total = sum(epoch["bare"] for epoch in reporter.clock.epochs)
+    wall = time.perf_counter() - started - bare_total
+    step_seconds = statistics.fmean(step for step, _ in bare_runs)
+    validation_seconds = statistics.fmean(validation for _, validation in bare_runs)
+    bare = epochs * (steps * step_seconds + validation_seconds)
 
     clock = reporter.clock.epochs
 
@@ -127,15 +138,15 @@ def measure_trial(cfg: Config, cache: Path, workdir: Path) -> dict[str, object]:
 
     train_seconds = [training_seconds(epoch) for epoch in clock]
     per_epoch = {
-        "steps_bare": steps * bare_step,
-        "steps_extra": statistics.fmean(train_seconds) - mean("loader") - steps * bare_step,
+        "steps_bare": steps * step_seconds,
+        "steps_extra": statistics.fmean(train_seconds) - mean("loader") - steps * step_seconds,
         "loader_wait": mean("loader"),
-        "validation_bare": bare_validation,
-        "validation_extra": mean("validation") - bare_validation,
+        "validation_bare": validation_seconds,
+        "validation_extra": mean("validation") - validation_seconds,
         "checkpoint": mean("checkpoint"),
         "mlflow": mean("mlflow"),
         "figures": mean("figures"),
-        "send": mean("send"),
+        "send": mean("send") - mean("bare"),
         "report_other": mean("report") - mean("mlflow") - mean("figures") - mean("send"),
     }
     checkpoint_file = storage.kept[-1] / CHECKPOINT_FILE
@@ -154,8 +165,10 @@ def measure_trial(cfg: Config, cache: Path, workdir: Path) -> dict[str, object]:
         "wall_over_bare": round(wall / bare, 3),
         "overhead_share": round((wall - bare) / wall, 3),
         "setup_s": round(clock[0].get("setup", 0.0), 2),
-        "close_s": round(wall - sum(e.get("setup", 0.0) + e["epoch"] for e in clock), 2),
-        "epoch_s": [round(e["epoch"], 2) for e in clock],
+        "close_s": round(wall - sum(e.get("setup", 0.0) + e["epoch"] - e["bare"] for e in clock), 2),
+        "epoch_s": [round(e["epoch"] - e["bare"], 2) for e in clock],
+        # The bare epoch timed after each of the trial's: how much this machine drifted.
+        "bare_epoch_s": [round(steps * step + validation, 2) for step, validation in bare_runs],
         "per_epoch_s": {name: round(value, 3) for name, value in per_epoch.items()},
         "checkpoint_mb": round(checkpoint_file.stat().st_size / 2**20, 1),
     }
@@ -167,33 +180,35 @@ def steps_per_epoch(cfg: Config, train_set: TrainDataset) -> int:
     return min(batches, cfg.train.steps_per_epoch or batches)
 
 
-def _bare_epoch_seconds(cfg: Config, cache: Path, steps: int) -> tuple[float, float]:
-    """(one training step, one validation pass) of bare work: the bare loop's step (model,
-    loss, AMP, AdamW on a batch already on the device), and the validation forward passes."""
-    dtype, options = loop_options(cfg, cfg.train.epochs * steps)
-    speed = bare_step_speed(cfg, dtype, steps, **options)
-    return cfg.train.batch_size / speed["img_per_s"], _bare_validation_seconds(cfg, cache)
+class _BareEpoch:
+    """One epoch's bare work, timed: (one training step, one validation pass). The step is the
+    bare loop's (model, loss, AMP, AdamW on a batch already on the device); the validation
+    pass is its forward passes alone, every validation image already on the device and tiled
+    as validation tiles it, without loss or counts. Built and warmed up once."""
 
+    def __init__(self, cfg: Config, cache: Path, steps: int) -> None:
+        self.steps = steps
+        self.batch_size = cfg.train.batch_size
+        self.resolution = cfg.data.resolution
+        self.device = select_device(cfg.train.device)
+        self.dtype, options = loop_options(cfg, cfg.train.epochs * steps)
+        self.step = bare_step(cfg, self.dtype, **options)
+        self.model = build_model(cfg.model, cfg.data.resolution).to(self.device).eval()
+        if cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.normalise = Normaliser(self.device, cfg.train.channels_last)
+        val_set = ValDataset(cache, cfg.data.resolution)
+        self.images = [val_set[index][0].unsqueeze(0).to(self.device) for index in range(len(val_set))]
+        timed_steps(self.step, 0, 3, self.device)
+        timed_steps(self.validate_one, 0, 1, self.device)
 
-@torch.no_grad()
-def _bare_validation_seconds(cfg: Config, cache: Path) -> float:
-    """The validation pass's forward passes alone: every validation image already on the
-    device, tiled at the training resolution as validation tiles it; no loss, no counts."""
-    device = select_device(cfg.train.device)
-    configure_kernels(device)
-    dtype = amp_dtype(cfg.train.amp, device)
-    model = build_model(cfg.model, cfg.data.resolution).to(device).eval()
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    normalise = Normaliser(device, cfg.train.channels_last)
-    val_set = ValDataset(cache, cfg.data.resolution)
-    images = [val_set[index][0].unsqueeze(0).to(device) for index in range(len(val_set))]
-    segment(model, images[0], normalise, dtype, cfg.data.resolution, cfg.train.batch_size)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    for image in images:
-        segment(model, image, normalise, dtype, cfg.data.resolution, cfg.train.batch_size)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started
+    @torch.no_grad()
+    def validate_one(self, image: torch.Tensor | None = None) -> None:
+        image = self.images[0] if image is None else image
+        segment(self.model, image, self.normalise, self.dtype, self.resolution, self.batch_size)
+
+    def __call__(self) -> tuple[float, float]:
+        step = timed_steps(self.step, self.steps, 0, self.device) / self.steps
+        images = iter(self.images)
+        validation = timed_steps(lambda: self.validate_one(next(images)), len(self.images), 0, self.device)
+        return step, validation

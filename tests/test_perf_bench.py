@@ -132,6 +132,8 @@ def test_quick_benchmark_writes_every_field(tmp_path: Path) -> None:
     trial = results["trial"]
     assert trial["profile"] == "v100s-x2" and trial["batch_size"] == 32 and trial["epochs"] == 2
     assert len(trial["epoch_s"]) == 2 and trial["wall_s"] >= sum(trial["epoch_s"])
+    # The bare work is timed beside each epoch, and its time is not the trial's.
+    assert len(trial["bare_epoch_s"]) == 2 and trial["bare_s"] == pytest.approx(sum(trial["bare_epoch_s"]), abs=0.05)
     assert set(trial["per_epoch_s"]) == {
         "steps_bare",
         "steps_extra",
