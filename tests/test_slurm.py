@@ -189,6 +189,48 @@ def test_requeued_job_resumes_its_sweep_while_a_second_job_runs_beside_it(
 
 
 @pytest.mark.slurm
+def test_a_hard_requeue_terms_the_job_and_its_next_start_resumes_the_sweep(
+    slurm, tmp_path: Path, synthetic_workspace: Path
+) -> None:
+    """``scontrol requeue`` (as a preemption or an admin does) sends SIGTERM to everything in
+    the job, with no USR1 first, and kills what is left 30 s later (KillWait): the job's next
+    start resumes the sweep from its saved state, with no trial run twice and no epoch logged
+    twice. (Ray's processes get the same TERM, so whether Tune's last save on it completes
+    before the kill is not asserted: its state saved as the trials started suffices.)"""
+    results = tmp_path / "results"
+    log = tmp_path / "job.log"
+    args = ("--results", str(results), "--workspace", str(synthetic_workspace), "--set", "sweep.scheduler=none")
+    job = sbatch(log, *args, "--name", "termed", "--trials", "2", "--epochs", "1")
+    store = results / ".slurm" / "termed" / "mlflow.db"
+    deadline = time.monotonic() + 420
+    while (
+        not log.exists()
+        or "Ray cluster:" not in log.read_text()
+        or not any(steps == [1] for steps in trial_epochs(store, "termed").values())
+    ):
+        assert job_fields(job)["JobState"] in ("PENDING", "RUNNING"), log.read_text()[-3000:] if log.exists() else ""
+        assert time.monotonic() < deadline, "no trial finished in time"
+        time.sleep(3)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+
+    fields = wait_for_job(job, 600)
+    text = log.read_text()
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", text[-3000:]
+    first_run, second_run = text.split("(restart 1)", 1)
+    assert "stopped by SIGTERM: the sweep saves its state" in first_run, first_run[-3000:]
+    # The trial cut off by the TERM continues under its own id; the finished one is not rerun.
+    finished = re.findall(r"\] end +(\w+)", first_run)
+    cut_off = set(re.findall(r"\] start +(\w+)", first_run)) - set(finished)
+    assert len(finished) == 1 and len(cut_off) == 1, first_run[-3000:]
+    assert re.findall(r"\] start +(\w+)", second_run) == list(cut_off), second_run[-3000:]
+    assert "replaced" not in second_run
+    epochs = trial_epochs(store, "termed")
+    assert len(epochs) == 2 and all(steps == [1] for steps in epochs.values()), epochs
+    time.sleep(2)
+    assert leftover_processes(f"/tmp/ray-{job}/") == []
+
+
+@pytest.mark.slurm
 @pytest.mark.parametrize(
     ("arguments", "resources", "message"),
     [

@@ -61,6 +61,14 @@ def check_store(uri: str) -> None:
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as error:  # MLflow raises many types for a bad URI or an unwritable store
+        if getattr(error, "error_code", None) in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            raise UserError(
+                f"{named}: the MLflow server refused "
+                + (f"user {user!r}" if user else "a request without credentials")
+                + ". Set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (a SLURM job's server on several"
+                " nodes: user artefact, the password in the job's mlflow-auth-<job>/password)."
+            ) from None
         reason = " ".join(str(error).split())[:500]
         raise UserError(f"{named}: cannot use this MLflow store ({type(error).__name__}: {reason}).") from None
 
