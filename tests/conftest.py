@@ -31,16 +31,27 @@ SYSTEM_TESTS = {
     # marker: (what its tests need, the programs that show it is installed)
     "browser": ("Debian's Chromium", (str(CHROMIUM),)),
     "slurm": ("SLURM and munge", ("slurmctld", "slurmd", "sbatch", "scontrol", "munged", "mungekey")),
+    "multinode": (
+        "SLURM, munge and network namespaces",
+        ("slurmctld", "slurmd", "sbatch", "munged", "mungekey", "ip", "nsenter", "unshare"),
+    ),
     "shellcheck": ("shellcheck", ("shellcheck",)),
     "compiler": ("g++, for TorchInductor's CPU kernels", ("g++",)),
 }
 """Tests that drive system programs: ``make test`` leaves installing them to ``make system-deps``."""
 
-SHARED_SESSION_FIXTURES = ("default_sweep", "slurm", RAY_TRAIN_GROUP := "ray_train_sweep")
-"""Fixtures too costly, or too global, to build once per test worker: the default sweep
-(about a minute), the one SLURM cluster the machine can run, and the Ray Train sweep, whose
-group also holds the other Ray Train sweeps: three processes per trial each, they thrash two
-cores when two run at once (measured: 150 s alone, 680 s beside another)."""
+SHARED_SESSION_FIXTURES = {
+    "default_sweep": "default_sweep",
+    "slurm": "slurm",
+    "slurm_hosts": "slurm",
+    (RAY_TRAIN_GROUP := "ray_train_sweep"): RAY_TRAIN_GROUP,
+}
+"""Fixtures too costly, or too global, to build once per test worker, and the group of
+tests each puts on one worker: the default sweep (about a minute), the SLURM clusters (one
+node, and several hosts in network namespaces: one at a time, on the worker that runs the
+other), and the Ray Train sweep, whose group also holds the other Ray Train sweeps: three
+processes per trial each, they thrash two cores when two run at once (measured: 150 s
+alone, 680 s beside another)."""
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
@@ -50,9 +61,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     fixture goes to the one worker that builds it."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     for item in items:
-        for fixture in SHARED_SESSION_FIXTURES:
+        for fixture, group in SHARED_SESSION_FIXTURES.items():
             if fixture in item.fixturenames:
-                item.add_marker(pytest.mark.xdist_group(fixture))
+                item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.hookimpl(tryfirst=True)  # before the fixtures are set up
@@ -79,6 +90,8 @@ def _check_system_programs(item: pytest.Item) -> None:
             reason = f"needs {what}: run `make system-deps` (installs them with apt)"
         elif marker == "slurm" and os.geteuid() != 0:
             reason = "needs root: slurmd starts the jobs as root"
+        elif marker == "multinode" and os.geteuid() != 0:
+            reason = "needs root: the hosts are network namespaces, and slurmd starts the jobs as root"
         else:
             continue
         if os.environ.get(REQUIRE_SYSTEM_TESTS) == "1":

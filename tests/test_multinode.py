@@ -1,0 +1,164 @@
+"""Several nodes for real: a SLURM cluster of two hosts, each a network namespace with its own
+address and hostname (tests/slurm_hosts.sh), and a third host on the same network outside the
+cluster. A sweep job spans both nodes; the Ray and MLflow servers of a multi-node job are
+tried from the outsider, with and without the job's secrets."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sweep_helpers import REPO
+from test_slurm import job_fields as fields_of
+from test_slurm import leftover_processes, trial_epochs, wait_for_job
+
+from artefact.tracking.server_auth import AUTH_USER, PASSWORD_FILE
+
+pytestmark = [pytest.mark.slow, pytest.mark.multinode]
+
+HOSTS = REPO / "tests" / "slurm_hosts.sh"
+HEAD_IP, WORKER_IP = "10.77.0.11", "10.77.0.12"
+
+
+@pytest.fixture(scope="session")
+def slurm_hosts(tmp_path_factory: pytest.TempPathFactory):
+    """Two SLURM nodes (n1, n2) and an outsider host, running; SLURM_CONF points every client
+    at them while the fixture lives. Everything is removed, by namespace and by pid file, also
+    after a failed test."""
+    folder = tmp_path_factory.mktemp("hosts")
+    subprocess.run([str(HOSTS), "stop", str(folder)], capture_output=True, timeout=120)  # a crashed run's leftovers
+    started = subprocess.run([str(HOSTS), "start", str(folder), "2"], capture_output=True, text=True, timeout=120)
+    previous = os.environ.get("SLURM_CONF")
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        os.environ["SLURM_CONF"] = str(folder / "slurm.conf")
+        yield folder
+    finally:
+        subprocess.run([str(HOSTS), "stop", str(folder)], check=True, timeout=120)
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+    assert not [line for line in _namespaces() if line.startswith("artefact-")]
+
+
+def _namespaces() -> list[str]:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout.splitlines()
+
+
+def on_host(hosts: Path, host: str, *command: str, timeout: float = 120, **options) -> subprocess.CompletedProcess:
+    """``command`` run on ``host`` (n1, n2 or outsider), as that host sees itself."""
+    return subprocess.run(
+        [str(HOSTS), "run", str(hosts), host, *command], capture_output=True, text=True, timeout=timeout, **options
+    )
+
+
+def _status(host_run, url: str, header: str | None = None) -> str:
+    """The HTTP status of GET ``url`` from a host, or the connection error's name."""
+    script = (
+        "import sys, urllib.request, urllib.error\n"
+        "request = urllib.request.Request(sys.argv[1])\n"
+        "if len(sys.argv) > 2: request.add_header('Authorization', sys.argv[2])\n"
+        "try:\n"
+        "    print(urllib.request.urlopen(request, timeout=10).status)\n"
+        "except urllib.error.HTTPError as error:\n"
+        "    print(error.code)\n"
+        "except OSError as error:\n"
+        "    print(type(getattr(error, 'reason', error)).__name__)\n"
+    )
+    done = host_run(sys.executable, "-c", script, url, *([header] if header else []))
+    return done.stdout.strip() or done.stderr[-500:]
+
+
+def test_a_sweep_job_spans_two_hosts_and_its_servers_refuse_whoever_lacks_its_secrets(
+    slurm_hosts: Path, tmp_path: Path, synthetic_workspace: Path
+) -> None:
+    started = time.monotonic()
+    results = tmp_path / "results"
+    log = tmp_path / "job.log"
+    # Four epochs keep the servers up long enough to be tried from the outsider.
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", "--mem=3G", f"--chdir={REPO}", f"--output={log}"]
+        + [str(REPO / "cluster" / "sweep.sbatch"), "--results", str(results), "--workspace", str(synthetic_workspace)]
+        + ["--name", "two-hosts", "--trials", "2", "--epochs", "4", "--set", "sweep.scheduler=none"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    job = submitted.stdout.strip().split(";")[0]
+    state = results / ".slurm" / "two-hosts"
+    deadline = time.monotonic() + 300
+    while not log.exists() or "Ray cluster:" not in log.read_text():
+        assert fields_of(job)["JobState"] in ("RUNNING", "PENDING"), log.read_text()[-3000:] if log.exists() else ""
+        assert time.monotonic() < deadline, "the sweep did not start within 300 s"
+        time.sleep(2)
+    text = log.read_text()
+    gcs_port = int(re.search(r"Ray head on 10\.77\.0\.11:(\d+)", (state / f"ray-head-{job}.log").read_text()).group(1))
+    dashboard_port = int(re.search(r"Ray dashboard: ssh -N -L (\d+):127\.0\.0\.1:\1 -J \S+ n1,", text).group(1))
+    mlflow_port = int(re.search(rf"MLflow UI: ssh -N -L (\d+):{HEAD_IP}:\1 ", text).group(1))
+    password = (state / f"mlflow-auth-{job}" / PASSWORD_FILE).read_text().strip()
+    token = (state / "ray.token").read_text().strip()
+
+    def outsider(*command: str, **options) -> subprocess.CompletedProcess:
+        return on_host(slurm_hosts, "outsider", *command, **options)
+
+    def head(*command: str, **options) -> subprocess.CompletedProcess:
+        return on_host(slurm_hosts, "n1", *command, **options)
+
+    # The dashboard (and its job API) listens on the head's loopback only...
+    refusals = {"dashboard from the outsider": _status(outsider, f"http://{HEAD_IP}:{dashboard_port}/api/version")}
+    refusals["job submission from the outsider"] = _status(outsider, f"http://{HEAD_IP}:{dashboard_port}/api/jobs/")
+    # ...where, on the head itself, it still asks for the token.
+    refusals["job list on the head without the token"] = _status(head, f"http://127.0.0.1:{dashboard_port}/api/jobs/")
+    granted = {"job list on the head": _status(head, f"http://127.0.0.1:{dashboard_port}/api/jobs/", f"Bearer {token}")}
+    # MLflow listens on the network, and asks for the job's password.
+    search = f"http://{HEAD_IP}:{mlflow_port}/api/2.0/mlflow/experiments/search?max_results=1"
+    basic = "Basic " + base64.b64encode(f"{AUTH_USER}:{password}".encode()).decode()
+    wrong = "Basic " + base64.b64encode(f"{AUTH_USER}:not-the-password".encode()).decode()
+    refusals["MLflow from the outsider without a password"] = _status(outsider, search)
+    refusals["MLflow from the outsider with a wrong password"] = _status(outsider, search, wrong)
+    granted["MLflow from the outsider"] = _status(outsider, search, basic)
+    # Ray: the outsider reaches the head's port, but cannot join without the token.
+    join = f"import ray; ray.init(address='{HEAD_IP}:{gcs_port}', logging_level='ERROR'); print(len(ray.nodes()))"
+    without_token = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    refused_join = outsider(sys.executable, "-c", join, env=without_token)
+    refusals["Ray join from the outsider"] = f"exit {refused_join.returncode}"
+    assert fields_of(job)["JobState"] == "RUNNING", "the job ended before its servers were tried"
+    print(f"refused: {refusals}; granted: {granted}")
+    assert refusals == {
+        "dashboard from the outsider": "ConnectionRefusedError",
+        "job submission from the outsider": "ConnectionRefusedError",
+        "job list on the head without the token": "401",
+        "MLflow from the outsider without a password": "401",
+        "MLflow from the outsider with a wrong password": "401",
+        "Ray join from the outsider": "exit 1",
+    }, refused_join.stderr[-2000:]
+    assert granted == {"job list on the head": "200", "MLflow from the outsider": "200"}
+
+    fields = wait_for_job(job, 600)
+    text = log.read_text()
+    assert fields["JobState"] == "COMPLETED", text[-3000:]
+    assert "Ray cluster: 2 CPUs, 0 GPUs" in text  # one CPU on each node
+    # The trials ran on both hosts (Tune records each result's node), and every epoch of
+    # each reached the head's MLflow server exactly once, from either host.
+    nodes = {}
+    for result in (results / "two-hosts").glob("tune/*/result.json"):
+        rows = [json.loads(line) for line in result.read_text().splitlines()]
+        nodes[rows[0]["trial_id"]] = {(row["node_ip"], row["hostname"]) for row in rows}
+    print(f"trials by node: {nodes}")
+    assert sorted(nodes.values(), key=str) == [{(HEAD_IP, "n1")}, {(WORKER_IP, "n2")}]
+    epochs = trial_epochs(state / "mlflow.db", "two-hosts")
+    assert sorted(epochs) == sorted(nodes) and all(steps == [1, 2, 3, 4] for steps in epochs.values()), epochs
+    # The secrets stay out of the log; the password's folder goes with the job.
+    assert password not in text and token not in text
+    assert not (state / f"mlflow-auth-{job}").exists()
+    time.sleep(2)
+    assert leftover_processes(f"/tmp/ray-{job}/", f"--port {mlflow_port}") == []
+    print(f"two-host test: {time.monotonic() - started:.0f} s")
