@@ -162,3 +162,114 @@ def test_a_sweep_job_spans_two_hosts_and_its_servers_refuse_whoever_lacks_its_se
     time.sleep(2)
     assert leftover_processes(f"/tmp/ray-{job}/", f"--port {mlflow_port}") == []
     print(f"two-host test: {time.monotonic() - started:.0f} s")
+
+
+def test_a_node_killed_mid_trial_leaves_its_trial_to_continue_on_the_other_from_its_checkpoint(
+    slurm_hosts: Path, tmp_path: Path, synthetic_workspace: Path, fault_survived
+) -> None:
+    """SIGKILL to everything on n2 (its slurmd, Ray worker and trial), as a node that loses
+    power: the job goes on (--no-kill), Ray declares the node dead, and Tune restarts its
+    trial on n1 from the last checkpoint, in the same MLflow run, with no epoch lost or doubled."""
+    started = time.monotonic()
+    results = tmp_path / "results"
+    log = tmp_path / "job.log"
+    epochs = 6
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", "--mem=3G", f"--chdir={REPO}", f"--output={log}"]
+        + [str(REPO / "cluster" / "sweep.sbatch"), "--results", str(results), "--workspace", str(synthetic_workspace)]
+        + ["--name", "lost-node", "--trials", "2", "--epochs", str(epochs), "--set", "sweep.scheduler=none"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    job = submitted.stdout.strip().split(";")[0]
+    sweep_dir = results / "lost-node"
+
+    def trials_on_n2_with_an_epoch() -> list[str]:
+        found = []
+        for result in sweep_dir.glob("tune/*/result.json"):
+            rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+            if rows and rows[-1]["hostname"] == "n2":
+                found.append(rows[0]["trial_id"])
+        return found
+
+    deadline = time.monotonic() + 300
+    while not trials_on_n2_with_an_epoch():
+        assert fields_of(job)["JobState"] in ("RUNNING", "PENDING"), log.read_text()[-3000:] if log.exists() else ""
+        assert time.monotonic() < deadline, "no trial reported an epoch on n2 within 300 s"
+        time.sleep(1)
+    [lost] = trials_on_n2_with_an_epoch()
+    killed = [
+        int(pid)
+        for pid in subprocess.run(["ip", "netns", "pids", "artefact-n2"], capture_output=True, text=True).stdout.split()
+    ]
+    for pid in killed:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    try:
+        fields = wait_for_job(job, 600)
+        text = log.read_text()
+        assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "0", text[-3000:]
+        assert "has been marked dead" in text and "10.77.0.12" in text
+        assert "trials: {'completed': 2, 'stopped_early': 0, 'failed': 0}" in text, text[-3000:]
+        # The lost trial's epochs: the first on n2, the rest on n1 after its restart.
+        result = next(sweep_dir.glob(f"tune/*{lost}*/result.json"))
+        hosts = [json.loads(line)["hostname"] for line in result.read_text().splitlines() if line.strip()]
+        assert hosts[0] == "n2" and hosts[-1] == "n1" and len(hosts) == epochs, hosts
+        logged = trial_epochs(results / ".slurm" / "lost-node" / "mlflow.db", "lost-node")
+        assert len(logged) == 2 and all(steps == list(range(1, epochs + 1)) for steps in logged.values()), logged
+        fault_survived("node killed mid-trial", sum(map(len, logged.values())))
+        print(
+            f"lost trial {lost}: epochs by host {hosts}; {len(killed)} processes killed on n2;"
+            f" {time.monotonic() - started:.0f} s"
+        )
+    finally:
+        # The node comes back, as after a reboot, for the tests after this one.
+        on_host(slurm_hosts, "n2", "slurmd", "-f", str(slurm_hosts / "slurm.conf"), "-N", "n2")
+        deadline = time.monotonic() + 120
+        while (
+            "idle"
+            not in subprocess.run(["sinfo", "-h", "-N", "-n", "n2", "-o", "%t"], capture_output=True, text=True).stdout
+        ):
+            assert time.monotonic() < deadline, "n2 did not come back"
+            time.sleep(1)
+
+
+def test_a_node_that_cannot_reach_the_head_fails_the_job_in_stated_time_naming_it(
+    slurm_hosts: Path, tmp_path: Path, synthetic_workspace: Path
+) -> None:
+    """n2's route to the head is gone (a blackhole route, as a broken link or firewall): its
+    Ray worker never joins, and the job fails within its join timeout with a message naming n2."""
+    log = tmp_path / "job.log"
+    join_s = 30
+    subprocess.run(["ip", "-n", "artefact-n2", "route", "add", "blackhole", f"{HEAD_IP}/32"], check=True)
+    try:
+        started = time.monotonic()
+        submitted = subprocess.run(
+            ["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", "--mem=2G", f"--chdir={REPO}"]
+            + [f"--output={log}", str(REPO / "cluster" / "sweep.sbatch"), "--results", str(tmp_path / "results")]
+            + ["--workspace", str(synthetic_workspace), "--name", "unjoined", "--trials", "1", "--epochs", "1"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "ARTEFACT_JOIN_TIMEOUT_S": str(join_s)},
+        )
+        job = submitted.stdout.strip().split(";")[0]
+        fields = wait_for_job(job, 300)
+        seconds = time.monotonic() - started
+    finally:
+        subprocess.run(["ip", "-n", "artefact-n2", "route", "del", "blackhole", f"{HEAD_IP}/32"], check=True)
+    text = log.read_text()
+    print(f"a node that cannot reach the head: job {fields['JobState']} after {seconds:.0f} s")
+    assert fields["JobState"] == "FAILED", text[-3000:]
+    # Either SLURM cannot start the worker there, or it starts and never joins Ray.
+    named = re.search(
+        rf"error: (the Ray worker on n2 failed to start|n2 did not join the Ray cluster within {join_s} s)", text
+    )
+    assert named, text[-3000:]
+    assert "Traceback" not in text and "Ray cluster:" not in text
+    assert seconds < 120 + join_s  # the job's start-up, then the stated wait at most
+    time.sleep(2)
+    assert leftover_processes(f"/tmp/ray-{job}/") == []
