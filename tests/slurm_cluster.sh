@@ -9,6 +9,8 @@
 # Clients use the cluster with SLURM_CONF=DIR/slurm.conf. tests/system_deps.sh installs the
 # daemons.
 set -euo pipefail
+# shellcheck source=tests/slurm_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/slurm_common.sh"
 
 command=${1:?usage: slurm_cluster.sh start DIR|stop DIR}
 
@@ -18,12 +20,8 @@ start() {
     host=$(hostname -s)
     cpus=$(getconf _NPROCESSORS_ONLN)  # not nproc: it honours OMP_NUM_THREADS
     memory_mb=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024))
-    mkdir -p "$dir"/{munge,state,spool}
-    chmod 0755 "$dir/munge"  # munged refuses a socket folder others cannot enter
-    mungekey --create --keyfile="$dir/munge.key" --force
-    chmod 0400 "$dir/munge.key"
-    munged --socket="$dir/munge/munge.socket.2" --key-file="$dir/munge.key" --pid-file="$dir/munged.pid" \
-        --log-file="$dir/munged.log" --seed-file="$dir/munged.seed" --force
+    mkdir -p "$dir"/{state,spool}
+    start_munge "$dir"
 
     cat >"$dir/gres.conf" <<EOF
 AutoDetect=off
@@ -34,24 +32,10 @@ ClusterName=artefact-test
 SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=16817
 SlurmdPort=16818
-SlurmUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket=$dir/munge/munge.socket.2
-StateSaveLocation=$dir/state
+$(common_slurm_conf "$dir")
 SlurmdSpoolDir=$dir/spool
-SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd.pid
-SlurmctldLogFile=$dir/slurmctld.log
 SlurmdLogFile=$dir/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-DefMemPerCPU=1024
-JobRequeue=1
-ReturnToService=2
-MinJobAge=600
 GresTypes=gpu
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory_mb Gres=gpu:1 State=UNKNOWN
 PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP

@@ -12,6 +12,8 @@
 # use the cluster with SLURM_CONF=DIR/slurm.conf. Each host sees DIR/hosts-<host> as /etc/hosts,
 # so `hostname --ip-address` answers the node's own address there.
 set -euo pipefail
+# shellcheck source=tests/slurm_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/slurm_common.sh"
 
 command=${1:?usage: slurm_hosts.sh start DIR NODES | stop DIR | run DIR NODE CMD...}
 NET=10.77.0
@@ -40,8 +42,7 @@ add_host() {  # add_host DIR NAME ADDRESS NODES: a namespace on the bridge, and 
 
 start() {
     local dir=$1 nodes=$2 node cpus memory_mb
-    mkdir -p "$dir"/{munge,state}
-    echo "$nodes" >"$dir/nodes"
+    mkdir -p "$dir/state"
     ip link add "$BRIDGE" type bridge
     ip addr add "$NET.1/24" dev "$BRIDGE"
     ip link set "$BRIDGE" up
@@ -51,11 +52,7 @@ start() {
     done
     add_host "$dir" outsider "$NET.99" "$nodes"  # a host on the network that is not in the cluster
 
-    chmod 0755 "$dir/munge"  # munged refuses a socket folder others cannot enter
-    mungekey --create --keyfile="$dir/munge.key" --force
-    chmod 0400 "$dir/munge.key"
-    munged --socket="$dir/munge/munge.socket.2" --key-file="$dir/munge.key" --pid-file="$dir/munged.pid" \
-        --log-file="$dir/munged.log" --seed-file="$dir/munged.seed" --force
+    start_munge "$dir"
 
     cpus=$(($(getconf _NPROCESSORS_ONLN) / nodes))
     cpus=$((cpus > 0 ? cpus : 1))
@@ -65,24 +62,10 @@ ClusterName=artefact-hosts
 SlurmctldHost=$(hostname -s)($NET.1)
 SlurmctldPort=16827
 SlurmdPort=16828
-SlurmUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket=$dir/munge/munge.socket.2
-StateSaveLocation=$dir/state
+$(common_slurm_conf "$dir")
 SlurmdSpoolDir=$dir/spool-%n
-SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd-%n.pid
-SlurmctldLogFile=$dir/slurmctld.log
 SlurmdLogFile=$dir/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-DefMemPerCPU=1024
-JobRequeue=1
-ReturnToService=2
-MinJobAge=600
 SlurmdTimeout=30
 $(for node in $(seq 1 "$nodes"); do
         echo "NodeName=n$node NodeAddr=$NET.$((10 + node)) CPUs=$cpus RealMemory=$memory_mb State=UNKNOWN"
@@ -117,32 +100,14 @@ run() {  # run DIR NODE CMD...: CMD in NODE's network namespace, with NODE as it
 }
 
 stop() {
-    local dir=$1 name pid ns
-    if [ -f "$dir/slurmctld.pid" ] && kill -0 "$(cat "$dir/slurmctld.pid")" 2>/dev/null; then
-        SLURM_CONF=$dir/slurm.conf scancel --quiet --user "$(id -un)" || true
-        for _ in $(seq 1 60); do
-            [ -z "$(SLURM_CONF=$dir/slurm.conf squeue --noheader 2>/dev/null)" ] && break
-            sleep 1
-        done
-    fi
-    # Everything left in a host (slurmd, a job's Ray and MLflow), then the daemons outside.
+    local dir=$1 ns pid
+    # The jobs, slurmctld and munged as the one-node cluster stops them (no slurmd.pid here),
+    # then everything left in a host (its slurmd, a job's Ray and MLflow), then the hosts.
+    "$(dirname "${BASH_SOURCE[0]}")/slurm_cluster.sh" stop "$dir"
     for ns in $(ip netns list | awk '{print $1}' | grep "^$PREFIX" || true); do
         for pid in $(ip netns pids "$ns"); do
             kill -9 "$pid" 2>/dev/null || true
         done
-    done
-    for name in slurmctld munged; do
-        if [ -f "$dir/$name.pid" ]; then
-            pid=$(cat "$dir/$name.pid")
-            kill "$pid" 2>/dev/null || true
-            for _ in $(seq 1 50); do
-                kill -0 "$pid" 2>/dev/null || break
-                sleep 0.1
-            done
-            kill -9 "$pid" 2>/dev/null || true
-        fi
-    done
-    for ns in $(ip netns list | awk '{print $1}' | grep "^$PREFIX" || true); do
         ip netns delete "$ns"
     done
     ip link delete "$BRIDGE" 2>/dev/null || true
