@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from artefact.errors import SweepInterrupted, UserError
+from artefact.errors import SweepInterrupted, TrackingLost, UserError
 
 DEFAULT_WORKSPACE = Path("data")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -24,12 +24,17 @@ OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EP
 
 def run_cli(main: Callable[[], int]) -> int:
     """Print a UserError without a traceback, one ``error:`` line per problem, and exit
-    with code 2 (3 for an interrupted sweep that can be resumed)."""
+    with code 2 (3 for an interrupted sweep that can be resumed, 4 for one whose MLflow store
+    never came back)."""
     try:
         return main()
     except SweepInterrupted as error:
         print(f"stopped: {error}", file=sys.stderr)
         return SweepInterrupted.exit_code
+    except TrackingLost as error:
+        for line in str(error).splitlines():
+            print(f"incomplete: {line}", file=sys.stderr)
+        return TrackingLost.exit_code
     except UserError as error:
         for problem in str(error).splitlines():
             print(f"error: {problem}", file=sys.stderr)

@@ -3,8 +3,9 @@
 Anything the user can fix (a bad config, bad data, a missing dependency) raises
 ``UserError``. The CLIs print its message without a traceback and exit with code 2; a
 sweep stopped by a signal with its state saved exits with code 3, so that a script (the
-SLURM job) can tell "resume me" from "fix me". A message of several lines holds several
-problems, one a line (``Problems``), and the CLIs print each as its own error.
+SLURM job) can tell "resume me" from "fix me"; one whose MLflow store never came back, 4.
+A message of several lines holds several problems, one a line (``Problems``), and the CLIs
+print each as its own error.
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ class SweepInterrupted(UserError):
     """A stop signal (Ctrl-C, SLURM's time-limit warning) ended the sweep; --resume continues it."""
 
     exit_code = 3
+
+
+class TrackingLost(UserError):
+    """The trials ran, but the MLflow store never came back: the message lists the runs and
+    the epochs it lacks; --resume writes the report once the store answers again."""
+
+    exit_code = 4
 
 
 class TrialFailure(RuntimeError):

@@ -19,7 +19,7 @@ from artefact.config import SweepRequest
 from artefact.config_files import dump_yaml
 from artefact.data.cache import cache_params, fold_names, fold_sizes, is_cache
 from artefact.data.prepare import ensure_cache
-from artefact.errors import SweepInterrupted, UserError
+from artefact.errors import SweepInterrupted, TrackingLost, UserError
 from artefact.gpu_busy import GpuBusySampler, nvml_reader, report_line
 from artefact.predict import log_best
 from artefact.preflight import check_results_folder, validate
@@ -29,8 +29,21 @@ from artefact.report.folds import fold_markdown, fold_rows, render_fold_text, wr
 from artefact.report.leaderboard import failed_trials, leaderboard, render_text, write_leaderboard, write_plots
 from artefact.report.pareto import describe_front, front_markdown, front_rows, write_pareto
 from artefact.tracking.store import delete_sweep, finish_sweep, log_sweep_artifacts, log_sweep_metrics, open_sweep
-from artefact.tracking.trials import close_open_trials, close_replaced_trials, close_trial, trial_histories
-from artefact.tracking.vocabulary import SweepRun, run_page, unless_store_is_away
+from artefact.tracking.trials import (
+    close_open_trials,
+    close_replaced_trials,
+    close_trial,
+    trial_histories,
+    unsent_records,
+)
+from artefact.tracking.vocabulary import (
+    STORE_PATIENCE_S,
+    UNSENT_FOLDER,
+    SweepRun,
+    patiently,
+    run_page,
+    unless_store_is_away,
+)
 from artefact.tune import cluster
 from artefact.tune.ray_env import sweep_token_file
 from artefact.tune.results import summarise
@@ -78,6 +91,7 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         {"profile": request.profile, "mode": cfg.sweep.mode},
     )
     status = "FAILED"
+    store_answers = True
     stopping_ray: threading.Thread | None = None
     try:
         shutil.copyfile(request.profile_file, sweep_dir / "profile.yaml")
@@ -109,7 +123,11 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
                 f"sweep {request.name!r} stopped before all {asked} trials finished; its state is saved."
                 f" Continue it with the same command plus --resume --name {request.name}."
             )
-        histories = trial_histories(tracking)
+        try:
+            histories = patiently(lambda: trial_histories(tracking), STORE_PATIENCE_S)
+        except Exception as error:  # the store's errors come in many types (vocabulary.py)
+            store_answers = False
+            raise _tracking_lost(request, sweep_dir, error) from None
         summaries = summarise(results, histories, cfg)
         _close_trials(tracking, summaries)
         replaced = close_replaced_trials(tracking, histories, {s.trial_id for s in summaries})
@@ -158,9 +176,29 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
             # Nothing ran: leave nothing behind, so the same command can simply be run again.
             delete_sweep(tracking)
             shutil.rmtree(sweep_dir, ignore_errors=True)
-        else:
+        elif store_answers:
             close_open_trials(tracking)
             finish_sweep(tracking, status)
+
+
+def _tracking_lost(request: SweepRequest, sweep_dir: Path, error: Exception) -> TrackingLost:
+    """The trials ran but the store never came back: what each run lacks, as its trial
+    recorded it, and how to write the report later."""
+    lacking = [
+        f"run {record['run_id']} (trial {record['trial_id']}) lacks {', '.join(record['unsent'])}"
+        for record in unsent_records(sweep_dir / UNSENT_FOLDER)
+    ] or ["no trial recorded an epoch missing from its run; the sweep's parent run lacks its report"]
+    return TrackingLost(
+        "\n".join(
+            [
+                f"the MLflow store {request.tracking_uri} did not answer for {STORE_PATIENCE_S:.0f} s after the"
+                f" trials ended ({type(error).__name__}), so the sweep's report is not written.",
+                *lacking,
+                f"Tune's results are kept in {sweep_dir}. Once the store answers, the same command with --resume"
+                f" --name {request.name} writes the report (the epochs listed stay missing).",
+            ]
+        )
+    )
 
 
 def _write_plots(request: SweepRequest, rows, summaries, histories, folder: Path, log) -> list[Path]:

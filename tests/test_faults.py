@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -331,6 +332,85 @@ def test_two_sweeps_into_one_server_keep_every_epoch_through_its_outage(
         assert database.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     fault_survived("MLflow server down mid-sweep", rows)
     fault_survived("two sweeps at once into one MLflow store")  # the same rows
+
+
+def test_an_mlflow_server_that_never_comes_back_ends_the_sweep_listing_what_each_run_lacks(
+    tmp_path: Path, synthetic_workspace: Path, synthetic_cache: Path, fault_survived
+) -> None:
+    """The server is killed once both trials have logged an epoch, and does not come back.
+    The trials train on and give up on it ``ARTEFACT_STORE_PATIENCE_S`` after they end; the
+    sweep exits with code 4, naming each run and the epochs it lacks, which are exactly those
+    the store lacks. Once the store is back, ``--resume`` writes the report, listing them."""
+    store, port = tmp_path / "mlflow.db", free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(store, port)
+    command = bench_command(
+        tmp_path / "results",
+        synthetic_workspace,
+        uri,
+        *("--name", "lost", "--mode", "fair", "--encoders", "tu-test_convnext,tu-test_resnet", "--seeds", "1"),
+        *("--epochs", str(EPOCHS)),
+    )
+    patience = {"ARTEFACT_STORE_PATIENCE_S": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    sweep = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env={**os.environ, **patience},
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        client = MlflowClient(uri)
+        deadline = time.monotonic() + 400
+        while True:
+            experiment = client.get_experiment_by_name("lost")
+            trials = "tags.`artefact.role` = 'trial'"
+            runs = client.search_runs([experiment.experiment_id], trials) if experiment else []
+            if len(runs) == 2 and all(client.get_metric_history(r.info.run_id, "epoch") for r in runs):
+                break
+            assert sweep.poll() is None, sweep.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the trials logged no epoch in time"
+            time.sleep(1)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+        output, errors = sweep.communicate(timeout=600)
+    finally:
+        if sweep.poll() is None:
+            kill_process_tree(sweep)
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    assert sweep.returncode == 4, errors[-3000:]
+    assert "Traceback" not in errors
+    told = dict(re.findall(r"incomplete: run (\w+) \(trial \w+\) lacks (.+)", errors))
+    assert len(told) == 2, errors[-3000:]
+    assert "--resume --name lost writes the report" in errors
+
+    # What the sweep said each run lacks is what the store lacks: no epoch lost silently.
+    reader = MlflowClient(f"sqlite:///{store}")
+    rows = 0
+    for run_id, lacking in told.items():
+        held = _epoch_steps(reader, run_id)
+        said = sorted(int(what.removeprefix("epoch ")) for what in lacking.split(", "))
+        assert held and said and sorted(held + said) == list(range(1, EPOCHS + 1)), (held, said)
+        rows += len(held)
+
+    # With the store back, --resume writes the report and lists the epochs that stay missing.
+    server = start_mlflow_server(store, port)
+    try:
+        resumed = subprocess.run(
+            [*command, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=600, env=os.environ
+        )
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "rank  encoder" in resumed.stdout
+    assert len(re.findall(r"MLflow lacks epochs \[[\d, ]+\] of trial", resumed.stdout)) == 2, resumed.stdout[-3000:]
+    print(f"store gone for good: runs lack {told}; the store held {rows} epoch rows; after --resume:")
+    print("\n".join(re.findall(r"MLflow lacks epochs .*", resumed.stdout)))
+    fault_survived("MLflow server gone for good mid-sweep", rows)
 
 
 def _train_workers(token_file: Path) -> set[int]:

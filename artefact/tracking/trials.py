@@ -3,6 +3,7 @@ its outcome; and the per-epoch histories the sweep's summary reads back."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import tempfile
@@ -57,6 +58,7 @@ class TrialRun:
     """
 
     def __init__(self, sweep: SweepRun, trial_id: str, params: dict[str, object]) -> None:
+        self.trial_id = trial_id
         self.client = MlflowClient(sweep.uri)
         self.run_id, created = patiently(
             lambda: get_or_create_trial_run(self.client, sweep, trial_id), STORE_PATIENCE_S
@@ -103,6 +105,20 @@ class TrialRun:
             print(f"MLflow store unreachable ({type(error).__name__}); holding {', '.join(unsent)}", file=sys.stderr)
         return [what for what, _ in self.held]
 
+    def record_unsent(self, folder: Path) -> None:
+        """Write what this run still lacks to ``folder/<trial>.json`` (``UNSENT_FOLDER``), for
+        the sweep to list when the store never comes back; written whole or not at all, and
+        removed once a later attempt of the trial has sent everything."""
+        path = folder / f"{self.trial_id}.json"
+        if not self.held:
+            path.unlink(missing_ok=True)
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {"trial_id": self.trial_id, "run_id": self.run_id, "unsent": [what for what, _ in self.held]}
+        partial = folder / f".{self.trial_id}.json.partial"
+        partial.write_text(json.dumps(record))
+        partial.replace(path)
+
     def _send_held(self) -> None:
         while self.held:
             self.client.log_batch(self.run_id, metrics=self.held[0][1])
@@ -142,6 +158,11 @@ def trial_histories(sweep: SweepRun) -> dict[str, list[dict[str, float]]]:
                 by_step.setdefault(point.step, {})[key] = point.value
         histories[run.data.tags[TRIAL_TAG]] = [by_step[step] for step in sorted(by_step)]
     return histories
+
+
+def unsent_records(folder: Path) -> list[dict]:
+    """The records of ``TrialRun.record_unsent`` in ``folder``, by trial id."""
+    return sorted((json.loads(path.read_text()) for path in folder.glob("*.json")), key=lambda r: r["trial_id"])
 
 
 def close_open_trials(sweep: SweepRun) -> None:

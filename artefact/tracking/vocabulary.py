@@ -39,8 +39,12 @@ REPLACED_REASON = (
 TRIAL_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 """For trial processes: fail a request to an unreachable server in seconds (MLflow's own
 retries wait about 4 minutes), so ``TrialRun`` holds the epoch and training goes on."""
-STORE_PATIENCE_S = 300.0
-"""How long a trial waits, at its start and at its end, for an unreachable store to return."""
+STORE_PATIENCE_S = float(os.environ.get("ARTEFACT_STORE_PATIENCE_S", "300"))
+"""How long a trial waits, at its start and at its end, and the sweep after its trials, for an
+unreachable store to return (``ARTEFACT_STORE_PATIENCE_S``; Ray's workers inherit it)."""
+UNSENT_FOLDER = "mlflow-unsent"
+"""In a sweep's results folder: one JSON file per trial whose run was left lacking epochs
+(``TrialRun.record_unsent``), for the sweep's summary when the store never comes back."""
 STORE_RETRY_S = 5.0
 T = TypeVar("T")
 

@@ -30,6 +30,8 @@ class TrialContext:
     sweep: SweepRun | None = None
     name: str | None = None
     """The sweep's name: its trials share compiled code in a folder so named on each node."""
+    unsent: Path | None = None
+    """Where a trial records the epochs its MLflow run still lacks at its end (``UNSENT_FOLDER``)."""
 
 
 def in_process(cfg: Config) -> bool:

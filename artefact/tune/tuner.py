@@ -24,7 +24,7 @@ from ray.tune.trainable.function_trainable import wrap_function
 
 from artefact.config import OBJECTIVES, Config
 from artefact.errors import UserError
-from artefact.tracking.vocabulary import SweepRun
+from artefact.tracking.vocabulary import UNSENT_FOLDER, SweepRun
 from artefact.train.checkpoint import CHECKPOINTS_KEPT
 from artefact.tune.progress import ProgressLog
 from artefact.tune.space import SearchSpace, default_points, grid, trial_count
@@ -160,7 +160,9 @@ def run_trials(
     """Start (or resume) the sweep's Tuner on the connected Ray cluster and wait for it;
     ``folds``: the cache's cross-validation folds, each a grid dimension in fair mode."""
     concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
-    context = TrialContext(cache=cache, storage=sweep_dir / TRAIN_FOLDER, sweep=sweep, name=name)
+    context = TrialContext(
+        cache=cache, storage=sweep_dir / TRAIN_FOLDER, sweep=sweep, name=name, unsent=sweep_dir / UNSENT_FOLDER
+    )
     tune.register_trainable(TRIAL_NAME, _trainable(cfg, context))
     tune_path = sweep_dir / TUNE_FOLDER
     if resume:
