@@ -237,14 +237,32 @@ def test_a_node_killed_mid_trial_leaves_its_trial_to_continue_on_the_other_from_
             time.sleep(1)
 
 
+SERVICE_IP = "10.77.0.111"
+"""A second address of n1, where the job's Ray head and MLflow listen in the test whose worker
+reaches SLURM on n1 (its first address) but never the Ray head."""
+
+
+@pytest.mark.parametrize(
+    ("head_ip", "message"),
+    [
+        (HEAD_IP, "the Ray worker on n2 failed to start"),
+        (SERVICE_IP, "n2 did not join the Ray cluster within {join_s} s"),
+    ],
+    ids=["slurm-cannot-start-it", "ray-never-joins"],
+)
 def test_a_node_that_cannot_reach_the_head_fails_the_job_in_stated_time_naming_it(
-    slurm_hosts: Path, tmp_path: Path, synthetic_workspace: Path
+    slurm_hosts: Path, tmp_path: Path, synthetic_workspace: Path, head_ip: str, message: str
 ) -> None:
-    """n2's route to the head is gone (a blackhole route, as a broken link or firewall): its
-    Ray worker never joins, and the job fails within its join timeout with a message naming n2."""
+    """n2's route to the head's address is gone (a blackhole route, as a broken link or a
+    firewall). Cut from n1's only address, SLURM cannot start the worker on n2; cut from the
+    address the job's servers listen on (``ARTEFACT_HEAD_IP``), the worker starts and never
+    joins. Either way the job fails within its join timeout, naming n2."""
     log = tmp_path / "job.log"
     join_s = 30
-    subprocess.run(["ip", "-n", "artefact-n2", "route", "add", "blackhole", f"{HEAD_IP}/32"], check=True)
+    n1, n2 = ["ip", "-n", "artefact-n1"], ["ip", "-n", "artefact-n2"]
+    if head_ip == SERVICE_IP:
+        subprocess.run([*n1, "addr", "add", f"{SERVICE_IP}/24", "dev", "eth0"], check=True)
+    subprocess.run([*n2, "route", "add", "blackhole", f"{head_ip}/32"], check=True)
     try:
         started = time.monotonic()
         submitted = subprocess.run(
@@ -254,21 +272,19 @@ def test_a_node_that_cannot_reach_the_head_fails_the_job_in_stated_time_naming_i
             capture_output=True,
             text=True,
             check=True,
-            env={**os.environ, "ARTEFACT_JOIN_TIMEOUT_S": str(join_s)},
+            env={**os.environ, "ARTEFACT_JOIN_TIMEOUT_S": str(join_s), "ARTEFACT_HEAD_IP": head_ip},
         )
         job = submitted.stdout.strip().split(";")[0]
         fields = wait_for_job(job, 300)
         seconds = time.monotonic() - started
     finally:
-        subprocess.run(["ip", "-n", "artefact-n2", "route", "del", "blackhole", f"{HEAD_IP}/32"], check=True)
+        subprocess.run([*n2, "route", "del", "blackhole", f"{head_ip}/32"], check=True)
+        if head_ip == SERVICE_IP:
+            subprocess.run([*n1, "addr", "del", f"{SERVICE_IP}/24", "dev", "eth0"], check=True)
     text = log.read_text()
-    print(f"a node that cannot reach the head: job {fields['JobState']} after {seconds:.0f} s")
+    print(f"n2 cut from {head_ip}: job {fields['JobState']} after {seconds:.0f} s")
     assert fields["JobState"] == "FAILED", text[-3000:]
-    # Either SLURM cannot start the worker there, or it starts and never joins Ray.
-    named = re.search(
-        rf"error: (the Ray worker on n2 failed to start|n2 did not join the Ray cluster within {join_s} s)", text
-    )
-    assert named, text[-3000:]
+    assert f"error: {message.format(join_s=join_s)}" in text, text[-3000:]
     assert "Traceback" not in text and "Ray cluster:" not in text
     assert seconds < 120 + join_s  # the job's start-up, then the stated wait at most
     time.sleep(2)
