@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from artefact.errors import SweepInterrupted, TrackingLost, UserError
+from artefact.errors import SweepInterrupted, UserError
 
 DEFAULT_WORKSPACE = Path("data")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -31,14 +31,10 @@ def run_cli(main: Callable[[], int]) -> int:
     except SweepInterrupted as error:
         print(f"stopped: {error}", file=sys.stderr)
         return SweepInterrupted.exit_code
-    except TrackingLost as error:
-        for line in str(error).splitlines():
-            print(f"incomplete: {line}", file=sys.stderr)
-        return TrackingLost.exit_code
     except UserError as error:
         for problem in str(error).splitlines():
-            print(f"error: {problem}", file=sys.stderr)
-        return 2
+            print(f"{error.label}: {problem}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

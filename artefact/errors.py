@@ -15,7 +15,11 @@ from contextlib import contextmanager
 
 
 class UserError(Exception):
-    """A problem the user can fix; the message names the file or field and the fix."""
+    """A problem the user can fix; the message names the file or field and the fix. The CLIs
+    print each line after ``label`` and exit with ``exit_code``."""
+
+    exit_code = 2
+    label = "error"
 
 
 class SweepInterrupted(UserError):
@@ -29,6 +33,7 @@ class TrackingLost(UserError):
     the epochs it lacks; --resume writes the report once the store answers again."""
 
     exit_code = 4
+    label = "incomplete"
 
 
 class TrialFailure(RuntimeError):

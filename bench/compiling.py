@@ -64,7 +64,7 @@ def _run(cfg: Config, cache: Path, folder: Path) -> dict[str, object]:
     from artefact.data.dataset import TrainDataset
     from artefact.train.loop import train
     from artefact.train.timing import EpochClock, training_seconds
-    from bench.trial import steps_per_epoch
+    from bench.throughput import steps_per_epoch
 
     clock = EpochClock()
     metrics = train(cfg, cache, _Quiet(), clock=clock)

@@ -46,6 +46,12 @@ def timed_steps(step: Callable[[], None], steps: int, warmup: int, device: torch
     return time.perf_counter() - started
 
 
+def steps_per_epoch(cfg: Config, train_set: TrainDataset) -> int:
+    """The training steps of one epoch, as the loop takes them (whole batches, capped)."""
+    batches = len(train_set) // cfg.train.batch_size
+    return min(batches, cfg.train.steps_per_epoch or batches)
+
+
 def loop_options(cfg: Config, planned_steps: int) -> tuple[torch.dtype | None, dict[str, bool]]:
     """(AMP dtype, memory-format and compile options) that the bare loop shares with our loop
     when ours plans ``planned_steps`` training steps (``train.compile: auto`` depends on them)."""

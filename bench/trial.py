@@ -26,7 +26,7 @@ from artefact.train.hardware import select_device
 from artefact.train.loop import train
 from artefact.train.reporters import TrialReporter, trial_params
 from artefact.train.timing import training_seconds
-from bench.throughput import bare_step, loop_options, timed_steps
+from bench.throughput import bare_step, loop_options, steps_per_epoch, timed_steps
 
 TRIAL_PROFILE = "v100s-x2"
 ARTEFACT_TRAIN_IMAGES = 330
@@ -174,12 +174,6 @@ def measure_trial(cfg: Config, cache: Path, workdir: Path) -> dict[str, object]:
     }
 
 
-def steps_per_epoch(cfg: Config, train_set: TrainDataset) -> int:
-    """The training steps of one epoch, as the loop takes them (whole batches, capped)."""
-    batches = len(train_set) // cfg.train.batch_size
-    return min(batches, cfg.train.steps_per_epoch or batches)
-
-
 class _BareEpoch:
     """One epoch's bare work, timed: (one training step, one validation pass). The step is the
     bare loop's (model, loss, AMP, AdamW on a batch already on the device); the validation
@@ -200,11 +194,10 @@ class _BareEpoch:
         val_set = ValDataset(cache, cfg.data.resolution)
         self.images = [val_set[index][0].unsqueeze(0).to(self.device) for index in range(len(val_set))]
         timed_steps(self.step, 0, 3, self.device)
-        timed_steps(self.validate_one, 0, 1, self.device)
+        timed_steps(lambda: self.validate_one(self.images[0]), 0, 1, self.device)
 
     @torch.no_grad()
-    def validate_one(self, image: torch.Tensor | None = None) -> None:
-        image = self.images[0] if image is None else image
+    def validate_one(self, image: torch.Tensor) -> None:
         segment(self.model, image, self.normalise, self.dtype, self.resolution, self.batch_size)
 
     def __call__(self) -> tuple[float, float]:

@@ -43,14 +43,7 @@ EOF
     export SLURM_CONF=$dir/slurm.conf
     slurmctld -f "$SLURM_CONF"
     slurmd -f "$SLURM_CONF"
-    for _ in $(seq 1 60); do
-        if sinfo --noheader --format=%t 2>/dev/null | grep -q idle; then
-            return
-        fi
-        sleep 0.5
-    done
-    echo "slurm_cluster.sh: the node did not become idle; see $dir/slurmctld.log and $dir/slurmd.log" >&2
-    exit 1
+    wait_idle "$dir" 1
 }
 
 stop() {

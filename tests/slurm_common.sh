@@ -33,3 +33,14 @@ ReturnToService=2
 MinJobAge=600
 EOC
 }
+
+wait_idle() {  # wait_idle DIR NODES: until NODES nodes of DIR's cluster are idle, else fail
+    local dir=$1 nodes=$2
+    for _ in $(seq 1 60); do
+        [ "$(SLURM_CONF=$dir/slurm.conf sinfo --noheader --Node --format=%t 2>/dev/null | grep -c idle)" -ge "$nodes" ] \
+            && return
+        sleep 0.5
+    done
+    echo "$(basename "$0"): $nodes node(s) did not become idle; see $dir/slurmctld.log and $dir/slurmd*.log" >&2
+    exit 1
+}

@@ -77,15 +77,7 @@ EOF
     for node in $(seq 1 "$nodes"); do
         run "$dir" "n$node" slurmd -f "$SLURM_CONF" -N "n$node"
     done
-    for _ in $(seq 1 60); do
-        if [ "$(sinfo --noheader --format=%t 2>/dev/null | grep -c idle)" -ge 1 ] \
-            && [ "$(sinfo --noheader --Node --format=%t 2>/dev/null | grep -c idle)" -eq "$nodes" ]; then
-            return
-        fi
-        sleep 0.5
-    done
-    echo "slurm_hosts.sh: not all $nodes nodes became idle; see $dir/slurmctld.log and $dir/slurmd-n*.log" >&2
-    exit 1
+    wait_idle "$dir" "$nodes"
 }
 
 run() {  # run DIR NODE CMD...: CMD in NODE's network namespace, with NODE as its hostname

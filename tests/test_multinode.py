@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from sweep_helpers import REPO
 from test_slurm import job_fields as fields_of
-from test_slurm import leftover_processes, trial_epochs, wait_for_job
+from test_slurm import leftover_processes, sbatch, trial_epochs, wait_for_job
 
 from artefact.tracking.server_auth import AUTH_USER, PASSWORD_FILE
 
@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 
 HOSTS = REPO / "tests" / "slurm_hosts.sh"
 HEAD_IP, WORKER_IP = "10.77.0.11", "10.77.0.12"
+TWO_NODES = ("--nodes=2", "--cpus-per-task=1", "--mem=3G")
 
 
 @pytest.fixture(scope="session")
@@ -84,15 +85,12 @@ def test_a_sweep_job_spans_two_hosts_and_its_servers_refuse_whoever_lacks_its_se
     results = tmp_path / "results"
     log = tmp_path / "job.log"
     # Four epochs keep the servers up long enough to be tried from the outsider.
-    submitted = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", "--mem=3G", f"--chdir={REPO}", f"--output={log}"]
-        + [str(REPO / "cluster" / "sweep.sbatch"), "--results", str(results), "--workspace", str(synthetic_workspace)]
-        + ["--name", "two-hosts", "--trials", "2", "--epochs", "4", "--set", "sweep.scheduler=none"],
-        capture_output=True,
-        text=True,
-        check=True,
+    job = sbatch(
+        log,
+        *("--results", str(results), "--workspace", str(synthetic_workspace), "--name", "two-hosts"),
+        *("--trials", "2", "--epochs", "4", "--set", "sweep.scheduler=none"),
+        resources=TWO_NODES,
     )
-    job = submitted.stdout.strip().split(";")[0]
     state = results / ".slurm" / "two-hosts"
     deadline = time.monotonic() + 300
     while not log.exists() or "Ray cluster:" not in log.read_text():
@@ -174,15 +172,12 @@ def test_a_node_killed_mid_trial_leaves_its_trial_to_continue_on_the_other_from_
     results = tmp_path / "results"
     log = tmp_path / "job.log"
     epochs = 6
-    submitted = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", "--mem=3G", f"--chdir={REPO}", f"--output={log}"]
-        + [str(REPO / "cluster" / "sweep.sbatch"), "--results", str(results), "--workspace", str(synthetic_workspace)]
-        + ["--name", "lost-node", "--trials", "2", "--epochs", str(epochs), "--set", "sweep.scheduler=none"],
-        capture_output=True,
-        text=True,
-        check=True,
+    job = sbatch(
+        log,
+        *("--results", str(results), "--workspace", str(synthetic_workspace), "--name", "lost-node"),
+        *("--trials", "2", "--epochs", str(epochs), "--set", "sweep.scheduler=none"),
+        resources=TWO_NODES,
     )
-    job = submitted.stdout.strip().split(";")[0]
     sweep_dir = results / "lost-node"
 
     def trials_on_n2_with_an_epoch() -> list[str]:
@@ -251,7 +246,12 @@ reaches SLURM on n1 (its first address) but never the Ray head."""
     ids=["slurm-cannot-start-it", "ray-never-joins"],
 )
 def test_a_node_that_cannot_reach_the_head_fails_the_job_in_stated_time_naming_it(
-    slurm_hosts: Path, tmp_path: Path, synthetic_workspace: Path, head_ip: str, message: str
+    slurm_hosts: Path,
+    tmp_path: Path,
+    synthetic_workspace: Path,
+    head_ip: str,
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """n2's route to the head's address is gone (a blackhole route, as a broken link or a
     firewall). Cut from n1's only address, SLURM cannot start the worker on n2; cut from the
@@ -259,22 +259,20 @@ def test_a_node_that_cannot_reach_the_head_fails_the_job_in_stated_time_naming_i
     joins. Either way the job fails within its join timeout, naming n2."""
     log = tmp_path / "job.log"
     join_s = 30
+    monkeypatch.setenv("ARTEFACT_JOIN_TIMEOUT_S", str(join_s))  # sbatch passes the environment on
+    monkeypatch.setenv("ARTEFACT_HEAD_IP", head_ip)
     n1, n2 = ["ip", "-n", "artefact-n1"], ["ip", "-n", "artefact-n2"]
     if head_ip == SERVICE_IP:
         subprocess.run([*n1, "addr", "add", f"{SERVICE_IP}/24", "dev", "eth0"], check=True)
     subprocess.run([*n2, "route", "add", "blackhole", f"{head_ip}/32"], check=True)
     try:
         started = time.monotonic()
-        submitted = subprocess.run(
-            ["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", "--mem=2G", f"--chdir={REPO}"]
-            + [f"--output={log}", str(REPO / "cluster" / "sweep.sbatch"), "--results", str(tmp_path / "results")]
-            + ["--workspace", str(synthetic_workspace), "--name", "unjoined", "--trials", "1", "--epochs", "1"],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "ARTEFACT_JOIN_TIMEOUT_S": str(join_s), "ARTEFACT_HEAD_IP": head_ip},
+        job = sbatch(
+            log,
+            *("--results", str(tmp_path / "results"), "--workspace", str(synthetic_workspace)),
+            *("--name", "unjoined", "--trials", "1", "--epochs", "1"),
+            resources=TWO_NODES,
         )
-        job = submitted.stdout.strip().split(";")[0]
         fields = wait_for_job(job, 300)
         seconds = time.monotonic() - started
     finally:

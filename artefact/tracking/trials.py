@@ -113,11 +113,10 @@ class TrialRun:
         if not self.held:
             path.unlink(missing_ok=True)
             return
-        folder.mkdir(parents=True, exist_ok=True)
+        from artefact.train.checkpoint import write_atomic  # imports torch: trial processes have it
+
         record = {"trial_id": self.trial_id, "run_id": self.run_id, "unsent": [what for what, _ in self.held]}
-        partial = folder / f".{self.trial_id}.json.partial"
-        partial.write_text(json.dumps(record))
-        partial.replace(path)
+        write_atomic(path, lambda stream: stream.write(json.dumps(record).encode()), durable=False)
 
     def _send_held(self) -> None:
         while self.held:

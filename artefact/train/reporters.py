@@ -119,13 +119,10 @@ class TrialReporter:
     metrics per epoch, the resolved config, model summary and (given the cache) class-weights
     table once, and the best epoch's figures, at most every ``FIGURE_INTERVAL_S`` and at the end.
     Its ``clock`` times those parts (``mlflow``, ``figures``, ``send``); the loop adds its own phases
-    to it when given it. Epochs the store never took are recorded in ``unsent`` (a folder), if given."""
+    to it when given it."""
 
-    def __init__(
-        self, run: TrialRun | None, cfg: Config, send: Send, cache: Path | None = None, unsent: Path | None = None
-    ) -> None:
+    def __init__(self, run: TrialRun | None, cfg: Config, send: Send, cache: Path | None = None) -> None:
         self.clock = EpochClock()
-        self.unsent = unsent
         self.run = run
         self.cfg = cfg
         self.send = send
@@ -179,8 +176,6 @@ class TrialReporter:
         unsent = self.run.flush(STORE_PATIENCE_S)
         if unsent:
             print(f"MLflow run {self.run.run_id} lacks {', '.join(unsent)}: the store never came back", file=sys.stderr)
-        if self.unsent is not None:
-            self.run.record_unsent(self.unsent)
 
 
 def model_summary(cfg: Config, metrics: dict[str, float]) -> str:

@@ -41,7 +41,7 @@ def train_worker(cfg: Config, context: TrialContext, trial_id: str) -> None:
     run = None
     if ray.train.get_context().get_world_rank() == 0 and context.sweep is not None:
         run = TrialRun(context.sweep, trial_id, trial_params(cfg))
-    reporter = TrialReporter(run, cfg, send_to_train, context.cache, context.unsent)
+    reporter = TrialReporter(run, cfg, send_to_train, context.cache)
     _train_and_report(cfg, context, reporter, ray.train.get_checkpoint())
 
 
@@ -55,7 +55,7 @@ def train_in_trial(cfg: Config, context: TrialContext, trial_id: str) -> None:
     """
     run = TrialRun(context.sweep, trial_id, trial_params(cfg)) if context.sweep is not None else None
     try:
-        reporter = TrialReporter(run, cfg, send_to_tune, context.cache, context.unsent)
+        reporter = TrialReporter(run, cfg, send_to_tune, context.cache)
         _train_and_report(cfg, context, reporter, tune.get_checkpoint())
     finally:
         if torch.cuda.is_available():  # the next trial in this process gets the memory back
@@ -82,6 +82,8 @@ def _train_and_report(
         raise
     finally:  # also when Tune ends the trial inside a report (ASHA, or its last epoch)
         reporter.close()
+        if run is not None and context.unsent is not None:
+            run.record_unsent(context.unsent)
 
 
 def _raise_recorded(reason: str) -> None:
