@@ -194,9 +194,8 @@ def test_a_hard_requeue_terms_the_job_and_its_next_start_resumes_the_sweep(
 ) -> None:
     """``scontrol requeue`` (as a preemption or an admin does) sends SIGTERM to everything in
     the job, with no USR1 first, and kills what is left 30 s later (KillWait): the job's next
-    start resumes the sweep from its saved state, with no trial run twice and no epoch logged
-    twice. (Ray's processes get the same TERM, so whether Tune's last save on it completes
-    before the kill is not asserted: its state saved as the trials started suffices.)"""
+    start resumes the sweep from its saved state, every requested trial accounted for and no
+    epoch logged twice."""
     results = tmp_path / "results"
     log = tmp_path / "job.log"
     args = ("--results", str(results), "--workspace", str(synthetic_workspace), "--set", "sweep.scheduler=none")
@@ -218,14 +217,14 @@ def test_a_hard_requeue_terms_the_job_and_its_next_start_resumes_the_sweep(
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", text[-3000:]
     first_run, second_run = text.split("(restart 1)", 1)
     assert "stopped by SIGTERM: the sweep saves its state" in first_run, first_run[-3000:]
-    # The trial cut off by the TERM continues under its own id; the finished one is not rerun.
-    finished = re.findall(r"\] end +(\w+)", first_run)
-    cut_off = set(re.findall(r"\] start +(\w+)", first_run)) - set(finished)
-    assert len(finished) == 1 and len(cut_off) == 1, first_run[-3000:]
-    assert re.findall(r"\] start +(\w+)", second_run) == list(cut_off), second_run[-3000:]
-    assert "replaced" not in second_run
+    # Every requested trial is accounted for. Ray's processes die on the same TERM, so Tune's
+    # state may predate the TERM: a trial it lacks runs again, and one it lacks that had
+    # started is named as replaced. No epoch of any run is logged twice.
+    assert "trials: {'completed': 2, 'stopped_early': 0, 'failed': 0}" in second_run, second_run[-3000:]
     epochs = trial_epochs(store, "termed")
-    assert len(epochs) == 2 and all(steps == [1] for steps in epochs.values()), epochs
+    assert all(steps in ([], [1]) for steps in epochs.values()), epochs
+    replaced = re.findall(r"replaced (\w+): it started just before", second_run)
+    assert len(epochs) == 2 + len(replaced), (epochs, replaced)
     time.sleep(2)
     assert leftover_processes(f"/tmp/ray-{job}/") == []
 
