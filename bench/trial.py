@@ -178,7 +178,13 @@ class _BareEpoch:
     """One epoch's bare work, timed: (one training step, one validation pass). The step is the
     bare loop's (model, loss, AMP, AdamW on a batch already on the device); the validation
     pass is its forward passes alone, every validation image already on the device and tiled
-    as validation tiles it, without loss or counts. Built and warmed up once."""
+    as validation tiles it, without loss or counts.
+
+    Built, then warmed up by one whole untimed epoch before the trial starts. A fresh
+    process's first epoch is slower whatever trains in it (kernel and allocator caches; on 2
+    CPU cores a bare loop's first 20 steps took 0.8-1.6 s longer than its later ones), and
+    those caches are the process's: only one of the two sides could be timed cold, so
+    neither is."""
 
     def __init__(self, cfg: Config, cache: Path, steps: int) -> None:
         self.steps = steps
@@ -193,8 +199,7 @@ class _BareEpoch:
         self.normalise = Normaliser(self.device, cfg.train.channels_last)
         val_set = ValDataset(cache, cfg.data.resolution)
         self.images = [val_set[index][0].unsqueeze(0).to(self.device) for index in range(len(val_set))]
-        timed_steps(self.step, 0, 3, self.device)
-        timed_steps(lambda: self.validate_one(self.images[0]), 0, 1, self.device)
+        self()
 
     @torch.no_grad()
     def validate_one(self, image: torch.Tensor) -> None:
