@@ -288,8 +288,8 @@ class ResourcesConfig:
     """Ray Train workers (DDP ranks) per trial."""
     cpus_per_worker: float = 1.0
     gpus_per_worker: float | str = 0.0
-    """Fractions below 1 pack several trials onto one GPU; ``auto`` packs as many as fit the
-    GPU's memory (``gpu_memory_gb``) and the node's CPUs, up to 4 (``gpu_memory.resolve_gpu_packing``)."""
+    """Fractions below 1 pack several trials onto one GPU; ``auto``: by the GPU's memory, the
+    node's CPUs and an earlier sweep's GPU busy share (``gpu_memory.resolve_gpu_packing``)."""
     gpu_memory_gb: float | None = None
     """Memory of one GPU, to refuse batch sizes that cannot fit before the sweep starts."""
     gpu_memory_margin: float = 0.0

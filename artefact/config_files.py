@@ -115,10 +115,15 @@ class SweepFlags:
 
 
 def load_config(
-    path: Path | None = None, overrides: list[str] | None = None, flags: SweepFlags | None = None, log=None
+    path: Path | None = None,
+    overrides: list[str] | None = None,
+    flags: SweepFlags | None = None,
+    log=None,
+    results: Path | None = None,
 ) -> Config:
     """A profile (or the defaults) with the main job's flags, then ``--set`` overrides, applied;
-    ``resources.gpus_per_worker: auto`` resolved to a number (and the choice given to ``log``)."""
+    ``resources.gpus_per_worker: auto`` resolved to a number (and the choice given to ``log``),
+    by the GPU busy share the latest sweep of the same shape in ``results`` measured, if any."""
     raw = read_yaml(path) if path is not None else {}
     where = str(path) if path else "config"
     if flags is not None:
@@ -128,9 +133,11 @@ def load_config(
     cfg = from_dict(raw, where)
     if cfg.resources.gpus_per_worker != "auto":
         return cfg
+    from artefact.gpu_busy import latest_busy
     from artefact.gpu_memory import resolve_gpu_packing  # builds models on the meta device
 
-    cfg, choice = resolve_gpu_packing(cfg)
+    measured = latest_busy(results, cfg, log or print) if results is not None else None
+    cfg, choice = resolve_gpu_packing(cfg, measured)
     if choice and log is not None:
         log(choice)
     return cfg

@@ -3,13 +3,22 @@ through the sweep. NVML's figure is the share of its last sample period (1/6 s t
 GPU) in which any kernel ran, so its mean over the sweep is the share of the wall time in
 which the GPU was busy. Where trials leave a GPU idle (loading data, validating, logging),
 packing more trials per GPU (``resources.gpus_per_worker``) is the cheap fix.
+
+Each GPU sweep records what it measured in its results folder (``BUSY_FILE``), so that
+``gpus_per_worker: auto`` can pack a later sweep of the same shape by it.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from artefact.config import Config
 
 SAMPLE_INTERVAL_S = 1.0
 REPORT_PREFIX = "GPU busy while the trials ran, on this node: "
@@ -86,3 +95,86 @@ def nvml_reader() -> Reader | None:
 
 def report_line(shares: list[float]) -> str:
     return REPORT_PREFIX + ", ".join(f"GPU {index} {share:.0%}" for index, share in enumerate(shares))
+
+
+BUSY_FILE = "gpu_busy.json"
+BUSY_GOAL = 0.9
+"""The busy share ``gpus_per_worker: auto`` packs for: past it, another trial per GPU mostly
+shares the GPU's time with the others rather than adding to it."""
+
+
+@dataclass(frozen=True)
+class BusyMeasurement:
+    """One sweep's busy shares (one per GPU of its first node) with ``trials_per_gpu`` trials
+    packed on each GPU, out of ``trials`` it ran, for sweeps of the same ``shape``."""
+
+    sweep: str
+    shape: dict[str, object]
+    trials_per_gpu: int
+    trials: int
+    shares: list[float]
+
+    @property
+    def busy(self) -> float:
+        return sum(self.shares) / len(self.shares)
+
+    def trials_for_goal(self) -> int:
+        """Trials per GPU that would keep the GPUs ``BUSY_GOAL`` busy, if each trial keeps a
+        GPU as busy as the measured ones did (an upper bound: packed trials also wait for
+        each other)."""
+        return max(1, math.ceil(self.trials_per_gpu * BUSY_GOAL / max(self.busy, 1e-3) - 1e-9))
+
+
+def sweep_shape(cfg: Config) -> dict[str, object]:
+    """What a trial's GPU busy share depends on and a later sweep can compare: the model,
+    its images, loader and batches, AMP and compiling, and the GPU (by its memory)."""
+    return {
+        "arch": cfg.model.arch,
+        "heads": list(cfg.model.heads),
+        "encoders": sorted(cfg.sweep.encoders),
+        "mode": cfg.sweep.mode,
+        "batch_size": cfg.train.batch_size,
+        "batch_sizes": sorted(cfg.sweep.batch_sizes),
+        "encoder_max_batch": dict(sorted(cfg.sweep.encoder_max_batch.items())),
+        "resolution": cfg.data.resolution,
+        "crops_per_image": cfg.data.crops_per_image,
+        "num_workers": cfg.data.num_workers,
+        "amp": cfg.train.amp,
+        "channels_last": cfg.train.channels_last,
+        "compile": cfg.train.compile,
+        "gpu_memory_gb": cfg.resources.gpu_memory_gb,
+    }
+
+
+def record_busy(sweep_dir: Path, cfg: Config, trials: int, shares: list[float]) -> Path | None:
+    """Write the sweep's measurement to ``sweep_dir / BUSY_FILE``; None where its packing is
+    not one number of trials per GPU (DDP workers, or a trial on more than one GPU)."""
+    from artefact.train.checkpoint import write_atomic  # imports torch, which the sweep has loaded
+
+    share = cfg.resources.gpus_per_worker
+    if cfg.resources.workers_per_trial != 1 or not 0 < share <= 1:
+        return None
+    measurement = BusyMeasurement(sweep_dir.name, sweep_shape(cfg), round(1 / share), trials, shares)
+    text = json.dumps(asdict(measurement), indent=2).encode()
+    return write_atomic(sweep_dir / BUSY_FILE, lambda file: file.write(text))
+
+
+def latest_busy(results: Path, cfg: Config, log: Callable[[str], None] = print) -> BusyMeasurement | None:
+    """The newest measurement in ``results/*/BUSY_FILE`` of a sweep of ``cfg``'s shape that
+    ran at least twice as many trials as it had places for (fewer leave places empty, and
+    the GPUs idle for want of trials, not of work). A file that cannot be read is skipped
+    with a line to ``log`` naming it."""
+    shape = sweep_shape(cfg)
+    found: list[tuple[float, BusyMeasurement]] = []
+    for path in results.glob(f"*/{BUSY_FILE}"):
+        try:
+            measurement = BusyMeasurement(**json.loads(path.read_text()))
+            places = measurement.trials_per_gpu * len(measurement.shares)
+            usable = measurement.shape == shape and measurement.trials >= 2 * places and measurement.busy > 0
+            modified = path.stat().st_mtime
+        except (OSError, ValueError, TypeError, ZeroDivisionError) as error:
+            log(f"skipping {path}: not a GPU busy record ({error}); delete it, or rerun that sweep to write it again")
+            continue
+        if usable:
+            found.append((modified, measurement))
+    return max(found, key=lambda item: item[0])[1] if found else None

@@ -12,6 +12,7 @@ import torch
 
 from artefact.config import Config, ModelConfig
 from artefact.errors import Problems, UserError
+from artefact.gpu_busy import BUSY_GOAL, BusyMeasurement
 from artefact.models import count_parameters, meta_model
 
 OPTIMISER_COPIES = 4
@@ -69,15 +70,17 @@ def check_fits(cfg: Config) -> None:
 
 
 MAX_TRIALS_PER_GPU = 4
-"""The most trials ``gpus_per_worker: auto`` packs onto one GPU: beyond the point where the
-GPU is always busy, more trials only share its time (README, "How busy the GPUs were")."""
+"""The most trials ``gpus_per_worker: auto`` packs onto one GPU until a sweep of the same
+shape has measured how busy its GPUs were (``gpu_busy.latest_busy``)."""
 
 
-def resolve_gpu_packing(cfg: Config) -> tuple[Config, str | None]:
+def resolve_gpu_packing(cfg: Config, measured: BusyMeasurement | None = None) -> tuple[Config, str | None]:
     """``resources.gpus_per_worker: auto`` made a number: 1 / (trials per GPU), as many as
     fit the GPU's memory (less the margin) at the sweep's largest batch, as the node's CPUs
-    allow (``node_cpus / node_gpus / cpus_per_worker``), and at most ``MAX_TRIALS_PER_GPU``.
-    Returns the config and a line saying what was chosen and why (None: nothing to resolve)."""
+    allow (``node_cpus / node_gpus / cpus_per_worker``), and as keep the GPU ``BUSY_GOAL``
+    busy by an earlier sweep's ``measured`` busy share (without one, at most
+    ``MAX_TRIALS_PER_GPU``). Returns the config and a line saying what was chosen and why
+    (None: nothing to resolve)."""
     res = cfg.resources
     if res.gpus_per_worker != "auto":
         return cfg, None
@@ -100,10 +103,19 @@ def resolve_gpu_packing(cfg: Config) -> tuple[Config, str | None]:
     usable = res.gpu_memory_gb * (1 - res.gpu_memory_margin)
     by_memory = math.floor(usable / need)
     by_cpus = math.floor(res.node_cpus / res.node_gpus / res.cpus_per_worker)
-    trials = max(1, min(by_memory, by_cpus, MAX_TRIALS_PER_GPU))
+    if measured is None:
+        by_busy = MAX_TRIALS_PER_GPU
+        busy_reason = f"at most {MAX_TRIALS_PER_GPU} until a sweep like this one has measured how busy its GPUs were"
+    else:
+        by_busy = measured.trials_for_goal()
+        busy_reason = (
+            f"sweep {measured.sweep} kept its GPUs {measured.busy:.0%} busy with {measured.trials_per_gpu} per GPU,"
+            f" so {by_busy} would keep them {BUSY_GOAL:.0%} busy"
+        )
+    trials = max(1, min(by_memory, by_cpus, by_busy))
     share = math.floor(10_000 / trials) / 10_000  # Ray counts GPU fractions to 1e-4
     return cfg.replace(resources={"gpus_per_worker": share}), (
         f"resources.gpus_per_worker = auto: {share:g} ({trials} trial(s) per GPU; {encoder} at batch {batch} needs"
         f" about {need:.1f} GB of {usable:.1f} GB, room for {by_memory}; the node's CPUs allow {by_cpus};"
-        f" at most {MAX_TRIALS_PER_GPU})"
+        f" {busy_reason})"
     )

@@ -20,7 +20,7 @@ from artefact.config_files import dump_yaml
 from artefact.data.cache import cache_params, fold_names, fold_sizes, is_cache
 from artefact.data.prepare import ensure_cache
 from artefact.errors import SweepInterrupted, TrackingLost, UserError
-from artefact.gpu_busy import GpuBusySampler, nvml_reader, report_line
+from artefact.gpu_busy import GpuBusySampler, nvml_reader, record_busy, report_line
 from artefact.predict import log_best
 from artefact.preflight import check_results_folder, validate
 from artefact.report.comparison import verdicts
@@ -112,6 +112,7 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         busy_shares = busy.shares()
         if busy_shares is not None:  # this node's GPUs only: the other nodes' are not sampled
             log(report_line(busy_shares))
+            record_busy(sweep_dir, cfg, results.num_terminated + results.num_errors, busy_shares)
             shares = {f"gpu/busy_share/{i}": share for i, share in enumerate(busy_shares)}
             unless_store_is_away(lambda: log_sweep_metrics(tracking, shares))
         stopping_ray = cluster.stop_meanwhile()

@@ -128,7 +128,7 @@ def build_config(args: argparse.Namespace) -> tuple[str, Path, Config]:
     flags = SweepFlags(
         args.mode, args.encoders, args.trials, args.seeds, args.epochs, args.data, args.objectives, args.cv
     )
-    return profile, path, load_config(path, args.overrides, flags, log=print)
+    return profile, path, load_config(path, args.overrides, flags, log=print, results=args.results.resolve())
 
 
 def build_request(args: argparse.Namespace) -> SweepRequest:

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import ctypes.util
 import itertools
+import os
 import time
+from pathlib import Path
 
 import pytest
+from sweep_helpers import import_script
 
-from artefact.gpu_busy import GpuBusySampler, nvml_reader, report_line
+from artefact.config_files import PROFILES, load_config
+from artefact.gpu_busy import BUSY_FILE, GpuBusySampler, latest_busy, nvml_reader, record_busy, report_line
 from bench.sweeps import gpu_busy_shares
 
 
@@ -52,3 +56,80 @@ def test_a_failed_reading_is_skipped_and_without_a_reader_nothing_is_sampled() -
 @pytest.mark.skipif(ctypes.util.find_library("nvidia-ml") is not None, reason="this machine has NVIDIA's driver")
 def test_without_nvidias_driver_there_is_no_reader() -> None:
     assert nvml_reader() is None
+
+
+# A V100S node's profile with a tiny encoder and CPUs to spare: memory and CPUs allow 10
+# trials per GPU, so the busy share (or, unmeasured, the cap of 4) decides.
+TINY_V100S = ["resources.gpus_per_worker=auto", "sweep.encoders=[tu-test_convnext]", "resources.node_cpus=64"]
+
+
+def _record(results: Path, sweep: str, overrides: list[str], trials: int, shares: list[float], age_s: int) -> Path:
+    """What a finished sweep of the profile with ``overrides``, packed 2 per GPU, wrote."""
+    ran = load_config(PROFILES / "v100s-x2.yaml", [*overrides, "resources.gpus_per_worker=0.5"])
+    path = record_busy(results / sweep, ran, trials, shares)
+    stamp = time.time() - age_s
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def test_auto_packs_by_the_busy_share_the_latest_sweep_of_the_same_shape_measured(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    said: list[str] = []
+
+    def packing(overrides: list[str] = TINY_V100S) -> float:
+        said.clear()
+        cfg = load_config(PROFILES / "v100s-x2.yaml", overrides, log=said.append, results=results)
+        return cfg.resources.gpus_per_worker
+
+    assert packing() == 0.25 and "at most 4 until a sweep like this one has measured" in said[-1]
+    _record(results, "idle", TINY_V100S, trials=24, shares=[0.3, 0.3], age_s=300)
+    # 2 per GPU kept them 30% busy: 6 per GPU would keep them 90% busy, more than the old cap.
+    assert packing() == 0.1666
+    assert "6 trial(s) per GPU" in said[-1] and "sweep idle kept its GPUs 30% busy with 2 per GPU" in said[-1]
+    # Newer, but not comparable: another resolution, or too few trials to fill 2 x 2 places twice.
+    _record(results, "other-shape", [*TINY_V100S, "data.resolution=256"], trials=24, shares=[0.95, 0.95], age_s=200)
+    _record(results, "too-few", TINY_V100S, trials=7, shares=[0.95, 0.95], age_s=100)
+    assert packing() == 0.1666
+    # The newest comparable sweep found its GPUs busy with 2 per GPU: auto packs 2, under the old cap.
+    _record(results, "busy", TINY_V100S, trials=8, shares=[0.97, 0.93], age_s=50)
+    assert packing() == 0.5 and "sweep busy kept its GPUs 95% busy" in said[-1]
+    # Memory still bounds it: a 12 GB GPU holds 3 of these trials, however idle they left it.
+    small_gpu = [*TINY_V100S, "resources.gpu_memory_gb=12"]
+    _record(results, "small-gpu", small_gpu, trials=24, shares=[0.1, 0.1], age_s=10)
+    assert packing(small_gpu) == 0.3333 and "room for 3" in said[-1]
+
+
+def test_a_busy_record_that_cannot_be_read_is_skipped_naming_it(tmp_path: Path, bad_input_tried) -> None:
+    results = tmp_path / "results"
+    good = _record(results, "good", TINY_V100S, trials=24, shares=[0.45, 0.45], age_s=100)
+    for name, text in (("truncated", good.read_text()[:40]), ("fields", '{"sweep": "x"}'), ("empty", "")):
+        (results / name).mkdir()
+        (results / name / BUSY_FILE).write_text(text)
+    said: list[str] = []
+    cfg = load_config(PROFILES / "v100s-x2.yaml", TINY_V100S)
+    measured = latest_busy(results, cfg, said.append)
+    assert measured is not None and measured.sweep == "good" and measured.trials_for_goal() == 4
+    skipped = sorted(line.split()[1].rstrip(":") for line in said)
+    assert skipped == [str(results / name / BUSY_FILE) for name in ("empty", "fields", "truncated")]
+    assert all("not a GPU busy record" in line and "delete it" in line for line in said)
+    bad_input_tried("unreadable gpu_busy.json in the results folder")
+
+
+def test_only_a_packing_of_whole_trials_per_gpu_is_recorded(tmp_path: Path) -> None:
+    ddp = load_config(PROFILES / "v100s-x2-ddp.yaml")
+    assert ddp.resources.workers_per_trial == 2
+    assert record_busy(tmp_path / "ddp", ddp, 4, [0.9, 0.9]) is None
+    assert not (tmp_path / "ddp").exists()
+
+
+def test_the_main_job_packs_by_the_sweeps_in_its_results_folder(tmp_path: Path, capsys) -> None:
+    encoder_bench = import_script("encoder_bench")
+    results = tmp_path / "results"
+    _record(results, "idle", TINY_V100S, trials=24, shares=[0.3, 0.3], age_s=0)
+    overrides = [arg for override in TINY_V100S for arg in ("--set", override)]
+    argv = ["--profile", "v100s-x2", *overrides, "--set", "model.pretrained=false", "--set", "resources.gpu_arch=null"]
+    argv += ["--results", str(results)]
+    assert encoder_bench.main([*argv, "--check=elsewhere"]) == 0
+    out = capsys.readouterr().out
+    assert "resources.gpus_per_worker = auto: 0.1666 (6 trial(s) per GPU;" in out, out
+    assert "sweep idle kept its GPUs 30% busy with 2 per GPU, so 6 would keep them 90% busy" in out
