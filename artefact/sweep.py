@@ -112,7 +112,10 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         busy_shares = busy.shares()
         if busy_shares is not None:  # this node's GPUs only: the other nodes' are not sampled
             log(report_line(busy_shares))
-            record_busy(sweep_dir, cfg, results.num_terminated + results.num_errors, busy_shares)
+            try:
+                record_busy(sweep_dir, cfg, results.num_terminated + results.num_errors, busy_shares)
+            except OSError as error:  # only a later sweep's packing needs it: the results come first
+                log(f"the GPU busy share was not recorded for gpus_per_worker: auto ({error})")
             shares = {f"gpu/busy_share/{i}": share for i, share in enumerate(busy_shares)}
             unless_store_is_away(lambda: log_sweep_metrics(tracking, shares))
         stopping_ray = cluster.stop_meanwhile()
