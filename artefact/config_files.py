@@ -120,10 +120,13 @@ def load_config(
     flags: SweepFlags | None = None,
     log=None,
     results: Path | None = None,
+    resumed: Path | None = None,
 ) -> Config:
     """A profile (or the defaults) with the main job's flags, then ``--set`` overrides, applied;
-    ``resources.gpus_per_worker: auto`` resolved to a number (and the choice given to ``log``),
-    by the GPU busy share the latest sweep of the same shape in ``results`` measured, if any."""
+    ``resources.gpus_per_worker: auto`` resolved to a number (and the choice given to ``log``):
+    the one in ``resumed`` (the saved config.yaml of a sweep being resumed, which must go on
+    as it started), else by the GPU busy share the last sweep of the same shape in
+    ``results`` measured, if any."""
     raw = read_yaml(path) if path is not None else {}
     where = str(path) if path else "config"
     if flags is not None:
@@ -133,13 +136,19 @@ def load_config(
     cfg = from_dict(raw, where)
     if cfg.resources.gpus_per_worker != "auto":
         return cfg
+    say = log or (lambda line: None)
+    saved = read_yaml(resumed).get("resources") if resumed else None
+    started_with = saved.get("gpus_per_worker") if isinstance(saved, dict) else None
+    if isinstance(started_with, int | float) and not isinstance(started_with, bool):
+        say(f"resources.gpus_per_worker = auto: {started_with:g}, as the sweep chose when it started ({resumed})")
+        return cfg.replace(resources={"gpus_per_worker": float(started_with)})
     from artefact.gpu_busy import latest_busy
     from artefact.gpu_memory import resolve_gpu_packing  # builds models on the meta device
 
-    measured = latest_busy(results, cfg, log or print) if results is not None else None
+    measured = latest_busy(results, cfg, say) if results is not None else None
     cfg, choice = resolve_gpu_packing(cfg, measured)
-    if choice and log is not None:
-        log(choice)
+    if choice:
+        say(choice)
     return cfg
 
 

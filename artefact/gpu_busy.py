@@ -14,6 +14,7 @@ import json
 import math
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -105,12 +106,15 @@ shares the GPU's time with the others rather than adding to it."""
 
 @dataclass(frozen=True)
 class BusyMeasurement:
-    """One sweep's busy shares (one per GPU of its first node) with ``trials_per_gpu`` trials
-    packed on each GPU, out of ``trials`` it ran, for sweeps of the same ``shape``."""
+    """What a sweep of ``shape`` that ran from start to end without a resume measured: the
+    busy share of each GPU of its (first) node, with ``trials_per_gpu`` trials on a GPU at
+    a time, ``places`` trials at a time in all, ``trials`` trials run, ``finished`` then."""
 
     sweep: str
+    finished: float
     shape: dict[str, object]
-    trials_per_gpu: int
+    trials_per_gpu: float
+    places: int
     trials: int
     shares: list[float]
 
@@ -118,17 +122,23 @@ class BusyMeasurement:
     def busy(self) -> float:
         return sum(self.shares) / len(self.shares)
 
-    def trials_for_goal(self) -> int:
-        """Trials per GPU that would keep the GPUs ``BUSY_GOAL`` busy, if each trial keeps a
-        GPU as busy as the measured ones did (an upper bound: packed trials also wait for
-        each other)."""
+    def trials_wanted(self) -> int:
+        """Trials per GPU that would keep the GPUs ``BUSY_GOAL`` busy if each kept a GPU as
+        busy as the measured ones did (an upper bound: packed trials also wait for each other)."""
         return max(1, math.ceil(self.trials_per_gpu * BUSY_GOAL / max(self.busy, 1e-3) - 1e-9))
+
+    def trials_for_goal(self) -> int:
+        """``trials_wanted``, but at most twice the packing measured: one misleading
+        measurement costs one sweep, and the next sweep measures the new packing."""
+        return max(1, min(self.trials_wanted(), math.floor(2 * self.trials_per_gpu + 1e-9)))
 
 
 def sweep_shape(cfg: Config) -> dict[str, object]:
-    """What a trial's GPU busy share depends on and a later sweep can compare: the model,
-    its images, loader and batches, AMP and compiling, and the GPU (by its memory)."""
+    """What a trial's GPU busy share depends on and a later sweep can compare: the data, the
+    model, its images, loader and batches, AMP and compiling, and the GPU (its memory and
+    architecture)."""
     return {
+        "data": cfg.data.path,
         "arch": cfg.model.arch,
         "heads": list(cfg.model.heads),
         "encoders": sorted(cfg.sweep.encoders),
@@ -139,42 +149,51 @@ def sweep_shape(cfg: Config) -> dict[str, object]:
         "resolution": cfg.data.resolution,
         "crops_per_image": cfg.data.crops_per_image,
         "num_workers": cfg.data.num_workers,
+        "cpus_per_worker": cfg.resources.cpus_per_worker,
         "amp": cfg.train.amp,
         "channels_last": cfg.train.channels_last,
         "compile": cfg.train.compile,
         "gpu_memory_gb": cfg.resources.gpu_memory_gb,
+        "gpu_arch": cfg.resources.gpu_arch,
     }
 
 
-def record_busy(sweep_dir: Path, cfg: Config, trials: int, shares: list[float]) -> Path | None:
-    """Write the sweep's measurement to ``sweep_dir / BUSY_FILE``; None where its packing is
-    not one number of trials per GPU (DDP workers, or a trial on more than one GPU)."""
+def record_busy(
+    sweep_dir: Path, cfg: Config, places: int, gpus: float, trials: int, shares: list[float]
+) -> Path | None:
+    """Write to ``sweep_dir / BUSY_FILE`` what a sweep measured that ran ``places`` trials at
+    a time on ``gpus`` GPUs; None where its trials do not share GPUs one per worker (DDP, or
+    a trial on more than one GPU)."""
     from artefact.train.checkpoint import write_atomic  # imports torch, which the sweep has loaded
 
     share = cfg.resources.gpus_per_worker
-    if cfg.resources.workers_per_trial != 1 or not 0 < share <= 1:
+    if cfg.resources.workers_per_trial != 1 or not 0 < share <= 1 or gpus <= 0:
         return None
-    measurement = BusyMeasurement(sweep_dir.name, sweep_shape(cfg), round(1 / share), trials, shares)
+    # Ray fits whole trials on a GPU, and the cluster's CPUs may allow fewer at a time.
+    per_gpu = min(math.floor(1 / share + 1e-6), places / gpus)
+    measurement = BusyMeasurement(sweep_dir.name, time.time(), sweep_shape(cfg), per_gpu, places, trials, shares)
     text = json.dumps(asdict(measurement), indent=2).encode()
     return write_atomic(sweep_dir / BUSY_FILE, lambda file: file.write(text))
 
 
-def latest_busy(results: Path, cfg: Config, log: Callable[[str], None] = print) -> BusyMeasurement | None:
-    """The newest measurement in ``results/*/BUSY_FILE`` of a sweep of ``cfg``'s shape that
-    ran at least twice as many trials as it had places for (fewer leave places empty, and
-    the GPUs idle for want of trials, not of work). A file that cannot be read is skipped
-    with a line to ``log`` naming it."""
+def latest_busy(results: Path, cfg: Config, log: Callable[[str], None]) -> BusyMeasurement | None:
+    """The last finished measurement in ``results/*/BUSY_FILE`` of a sweep of ``cfg``'s shape
+    that ran at least twice as many trials as it had places (with fewer, places stood empty
+    and the GPUs idled for want of trials, not of work). A file that cannot be read is
+    skipped with a line to ``log`` naming it."""
     shape = sweep_shape(cfg)
-    found: list[tuple[float, BusyMeasurement]] = []
+    found: list[BusyMeasurement] = []
     for path in results.glob(f"*/{BUSY_FILE}"):
         try:
             measurement = BusyMeasurement(**json.loads(path.read_text()))
-            places = measurement.trials_per_gpu * len(measurement.shares)
-            usable = measurement.shape == shape and measurement.trials >= 2 * places and measurement.busy > 0
-            modified = path.stat().st_mtime
-        except (OSError, ValueError, TypeError, ZeroDivisionError) as error:
+            usable = measurement.shape == shape and measurement.trials >= 2 * measurement.places > 0
+            usable = usable and measurement.busy > 0 and float(measurement.finished) > 0
+        except OSError as error:
+            log(f"skipping {path}: it cannot be read ({error}); fix its permissions or delete it")
+            continue
+        except (ValueError, TypeError, ZeroDivisionError) as error:
             log(f"skipping {path}: not a GPU busy record ({error}); delete it, or rerun that sweep to write it again")
             continue
         if usable:
-            found.append((modified, measurement))
-    return max(found, key=lambda item: item[0])[1] if found else None
+            found.append(measurement)
+    return max(found, key=lambda measurement: measurement.finished) if found else None

@@ -107,10 +107,11 @@ def resolve_gpu_packing(cfg: Config, measured: BusyMeasurement | None = None) ->
         by_busy = MAX_TRIALS_PER_GPU
         busy_reason = f"at most {MAX_TRIALS_PER_GPU} until a sweep like this one has measured how busy its GPUs were"
     else:
-        by_busy = measured.trials_for_goal()
+        by_busy, wanted = measured.trials_for_goal(), measured.trials_wanted()
         busy_reason = (
-            f"sweep {measured.sweep} kept its GPUs {measured.busy:.0%} busy with {measured.trials_per_gpu} per GPU,"
-            f" so {by_busy} would keep them {BUSY_GOAL:.0%} busy"
+            f"sweep {measured.sweep} kept its GPUs {measured.busy:.0%} busy with {measured.trials_per_gpu:g} per GPU;"
+            f" {wanted} per GPU would keep them {BUSY_GOAL:.0%} busy"
+            + ("" if wanted == by_busy else f", and auto at most doubles a measured packing: {by_busy}")
         )
     trials = max(1, min(by_memory, by_cpus, by_busy))
     share = math.floor(10_000 / trials) / 10_000  # Ray counts GPU fractions to 1e-4

@@ -48,7 +48,14 @@ from artefact.tune import cluster
 from artefact.tune.ray_env import sweep_token_file
 from artefact.tune.results import summarise
 from artefact.tune.space import space_description, trial_count
-from artefact.tune.tuner import STOP_ASKED, can_resume, fail_orphaned_study_trials, optuna_storage, run_trials
+from artefact.tune.tuner import (
+    STOP_ASKED,
+    can_resume,
+    fail_orphaned_study_trials,
+    max_concurrent_trials,
+    optuna_storage,
+    run_trials,
+)
 
 PLOTS_FOLDER = "plots"
 
@@ -112,10 +119,6 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         busy_shares = busy.shares()
         if busy_shares is not None:  # this node's GPUs only: the other nodes' are not sampled
             log(report_line(busy_shares))
-            try:
-                record_busy(sweep_dir, cfg, results.num_terminated + results.num_errors, busy_shares)
-            except OSError as error:  # only a later sweep's packing needs it: the results come first
-                log(f"the GPU busy share was not recorded for gpus_per_worker: auto ({error})")
             shares = {f"gpu/busy_share/{i}": share for i, share in enumerate(busy_shares)}
             unless_store_is_away(lambda: log_sweep_metrics(tracking, shares))
         stopping_ray = cluster.stop_meanwhile()
@@ -127,6 +130,12 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
                 f"sweep {request.name!r} stopped before all {asked} trials finished; its state is saved."
                 f" Continue it with the same command plus --resume --name {request.name}."
             )
+        if busy_shares is not None and not request.resume:  # resumed: the shares miss its start
+            places = max_concurrent_trials(cfg, resources)
+            try:
+                record_busy(sweep_dir, cfg, places, resources.get("GPU", 0), finished, busy_shares)
+            except OSError as error:  # only a later sweep's packing needs it: the results come first
+                log(f"the GPU busy share was not recorded for gpus_per_worker: auto ({error})")
         try:
             histories = patiently(lambda: trial_histories(tracking), STORE_PATIENCE_S)
         except Exception as error:  # the store's errors come in many types (vocabulary.py)

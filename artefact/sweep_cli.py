@@ -128,7 +128,10 @@ def build_config(args: argparse.Namespace) -> tuple[str, Path, Config]:
     flags = SweepFlags(
         args.mode, args.encoders, args.trials, args.seeds, args.epochs, args.data, args.objectives, args.cv
     )
-    return profile, path, load_config(path, args.overrides, flags, log=print, results=args.results.resolve())
+    results = args.results.resolve()
+    saved = results / args.name / "config.yaml" if args.resume and args.name else None
+    resumed = saved if saved is not None and saved.is_file() else None
+    return profile, path, load_config(path, args.overrides, flags, log=print, results=results, resumed=resumed)
 
 
 def build_request(args: argparse.Namespace) -> SweepRequest:
