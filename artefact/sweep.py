@@ -112,9 +112,10 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
         log(f"Ray cluster: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
         if folds:
             log(f"cross-validation by {cfg.data.cv}: {len(folds)} folds, each holding out one of {', '.join(folds)}")
+        places = max_concurrent_trials(cfg, resources)
         with GpuBusySampler(nvml_reader() if cfg.resources.gpus_per_worker > 0 else None) as busy:
             results = run_trials(
-                cfg, cache, sweep_dir, request.name, tracking, request.resume, request.verbose, len(folds)
+                cfg, cache, sweep_dir, request.name, tracking, request.resume, places, request.verbose, len(folds)
             )
         busy_shares = busy.shares()
         if busy_shares is not None:  # this node's GPUs only: the other nodes' are not sampled
@@ -131,7 +132,6 @@ def run(request: SweepRequest, log=print) -> list[dict[str, object]]:
                 f" Continue it with the same command plus --resume --name {request.name}."
             )
         if busy_shares is not None and not request.resume:  # resumed: the shares miss its start
-            places = max_concurrent_trials(cfg, resources)
             try:
                 record_busy(sweep_dir, cfg, places, resources.get("GPU", 0), finished, busy_shares)
             except OSError as error:  # only a later sweep's packing needs it: the results come first

@@ -16,7 +16,6 @@ import threading
 from pathlib import Path
 
 import optuna
-import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -154,12 +153,13 @@ def run_trials(
     name: str,
     sweep: SweepRun | None,
     resume: bool,
+    concurrency: int,
     verbose: bool = False,
     folds: int = 0,
 ) -> tune.ResultGrid:
-    """Start (or resume) the sweep's Tuner on the connected Ray cluster and wait for it;
-    ``folds``: the cache's cross-validation folds, each a grid dimension in fair mode."""
-    concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
+    """Start (or resume) the sweep's Tuner on the connected Ray cluster and wait for it,
+    ``concurrency`` trials at a time (``max_concurrent_trials`` of the cluster); ``folds``:
+    the cache's cross-validation folds, each a grid dimension in fair mode."""
     context = TrialContext(
         cache=cache, storage=sweep_dir / TRAIN_FOLDER, sweep=sweep, name=name, unsent=sweep_dir / UNSENT_FOLDER
     )
