@@ -52,7 +52,7 @@ def measure_compile(cfg: Config, cache: Path, workdir: Path) -> dict[str, object
 
 
 class _Quiet:
-    def report(self, metrics, checkpoint_dir, evaluation) -> None:
+    def report(self, metrics, checkpoint, evaluation) -> None:
         pass
 
 

@@ -126,7 +126,7 @@ class _LastMetrics:
     def __init__(self) -> None:
         self.metrics: dict[str, float] = {}
 
-    def report(self, metrics, checkpoint_dir, evaluation) -> None:
+    def report(self, metrics, checkpoint, evaluation) -> None:
         self.metrics = metrics
 
 

@@ -10,8 +10,10 @@ count, so the per-epoch costs weigh as much as they would there, or more.
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ from artefact.config import Config
 from artefact.config_files import load_config, profile_file
 from artefact.data.dataset import TrainDataset, ValDataset, load_split
 from artefact.models import build_model
-from artefact.train.checkpoint import CHECKPOINT_FILE, CHECKPOINTS_KEPT
+from artefact.train.checkpoint import CHECKPOINT_FILE, CHECKPOINTS_KEPT, EpochCheckpoint
 from artefact.train.evaluation import Normaliser, segment
 from artefact.train.hardware import select_device
 from artefact.train.loop import train
@@ -38,22 +40,23 @@ CPU_DATA = {"resolution": 64, "max_side": 160}
 
 def trial_config(epochs: int, overrides: list[str]) -> Config:
     """The trial profile (with the benchmark's ``--set`` overrides: ``train.amp=bf16`` on an
-    H100, say) at its own batch, crops and loader workers; on a machine without a
-    GPU, with the tiny encoder and small images, loaded in the training process: there the
+    H100, say) at its own batch, crops and loader workers, with the first encoder it
+    searches or ``--set model.encoder=``'s; on a machine without a GPU, with the tiny encoder
+    (unless set) and small images, loaded in the training process: there the
     model already uses every core, and a loader worker only takes CPU from it (on 2 cores, one
     worker made the training steps 9% slower and validation 0.3 s longer per epoch)."""
     _, path = profile_file(TRIAL_PROFILE)
     cfg = load_config(path, overrides)
+    encoder_chosen = any(override.split("=", 1)[0].strip() == "model.encoder" for override in overrides)
     cfg = cfg.replace(
-        model={"encoder": cfg.sweep.encoders[0], "pretrained": False},
+        model={"encoder": cfg.model.encoder if encoder_chosen else cfg.sweep.encoders[0], "pretrained": False},
         train={"epochs": epochs},
         data={"val_fraction": ARTEFACT_VAL_IMAGES / (ARTEFACT_TRAIN_IMAGES + ARTEFACT_VAL_IMAGES)},
-        resources={"trainer": "in_process"},
     )
     if torch.cuda.is_available():
         return cfg.replace(resources={"gpus_per_worker": 1})
     return cfg.replace(
-        model=CPU_MODEL,
+        model={"pretrained": False} if encoder_chosen else CPU_MODEL,
         data={**CPU_DATA, "num_workers": 0},
         train={"amp": "auto", "channels_last": False},
         resources={"gpus_per_worker": 0, "gpu_arch": None},
@@ -73,25 +76,40 @@ def trial_cache(cfg: Config, workdir: Path, scale: float = 1.0) -> Path:
 
 
 class _RayLikeStorage:
-    """Where a Tune trial's reported checkpoint goes: Ray copies the reported folder into the
-    trial's storage with ``pyarrow.fs.copy_files`` (Ray's ``StorageContext``) and keeps
-    ``CHECKPOINTS_KEPT``; done the same way here, without a Ray session."""
+    """Where a trial's reported checkpoint goes, done the way Ray does it, without a Ray
+    session: written to a temporary folder, copied into the trial's storage with
+    ``pyarrow.fs.copy_files`` (Ray's ``StorageContext``), ``CHECKPOINTS_KEPT`` kept. Under Ray
+    Train (the GPU profiles' ``resources.trainer: ray_train``) one background thread writes
+    and copies (``send_to_train``); under Tune alone both happen inside the report."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, in_background: bool) -> None:
         self.folder = folder
         self.kept: list[Path] = []
+        self.uploads = ThreadPoolExecutor(max_workers=1) if in_background else None
+        self.pending: list[Future] = []
 
-    def send(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        import shutil
-
-        import pyarrow.fs
-
-        if checkpoint_dir is None:
+    def send(self, metrics: dict[str, float], checkpoint: EpochCheckpoint | None) -> None:
+        if checkpoint is None:
             return
         target = self.folder / f"checkpoint_{len(self.kept):06d}"
-        target.mkdir(parents=True)
-        pyarrow.fs.copy_files(str(checkpoint_dir), str(target))
         self.kept.append(target)
+        if self.uploads is None:
+            self._keep(checkpoint, target)
+        else:
+            self.pending.append(self.uploads.submit(self._keep, checkpoint, target))
+
+    def wait(self) -> None:
+        """Until every copy has finished (Train waits so when a trial's loop returns)."""
+        for upload in self.pending:
+            upload.result()
+        self.pending.clear()
+
+    def _keep(self, checkpoint: EpochCheckpoint, target: Path) -> None:
+        import pyarrow.fs
+
+        target.mkdir(parents=True)
+        with checkpoint.written() as folder:
+            pyarrow.fs.copy_files(str(folder), str(target))
         for old in self.kept[:-CHECKPOINTS_KEPT]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -104,29 +122,36 @@ def measure_trial(cfg: Config, cache: Path, workdir: Path) -> dict[str, object]:
 
     epochs = cfg.train.epochs
     sweep = open_sweep(f"sqlite:///{(workdir / 'trial-mlflow.db').resolve()}", "perf-trial", {})
-    storage = _RayLikeStorage(workdir / "trial-storage")
+    storage = _RayLikeStorage(workdir / "trial-storage", in_background=cfg.resources.trainer == "ray_train")
     train_set = TrainDataset(cache, cfg.data.resolution, cfg.data.crops_per_image)
     steps = steps_per_epoch(cfg, train_set)
     # The bare work runs after each of the trial's epochs, inside its report: this machine's
     # speed drifts by 10% from minute to minute, and work timed in the same minute drifts with
-    # it. Its time is taken out of the trial's, and out of the figures' drawing interval.
+    # it. Its time is taken out of the trial's, and out of the figures' drawing interval. A
+    # checkpoint still being written and copied in the background is waited for first, so
+    # that it does not slow the bare epoch on the same cores; that wait is taken out too, and
+    # shown.
     bare_epoch = _BareEpoch(cfg, cache, steps)
     bare_runs: list[tuple[float, float]] = []
 
-    def send(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        storage.send(metrics, checkpoint_dir)
+    def send(metrics: dict[str, float], checkpoint: EpochCheckpoint | None) -> None:
+        storage.send(metrics, checkpoint)
         started = time.perf_counter()
+        storage.wait()
+        waited = time.perf_counter() - started
         bare_runs.append(bare_epoch())
         seconds = time.perf_counter() - started
-        reporter.clock.add("bare", seconds)
+        reporter.clock.add("upload_wait", waited)
+        reporter.clock.add("bare", seconds - waited)
         reporter.drawn_at += seconds
 
     reporter = TrialReporter(TrialRun(sweep, "trial", trial_params(cfg)), cfg, send, cache)
     started = time.perf_counter()
     train(cfg, cache, reporter, clock=reporter.clock)
     reporter.close()
-    bare_total = sum(epoch["bare"] for epoch in reporter.clock.epochs)
-    wall = time.perf_counter() - started - bare_total
+    storage.wait()
+    taken_out = sum(epoch["bare"] + epoch["upload_wait"] for epoch in reporter.clock.epochs)
+    wall = time.perf_counter() - started - taken_out
     step_seconds = statistics.fmean(step for step, _ in bare_runs)
     validation_seconds = statistics.fmean(validation for _, validation in bare_runs)
     bare = epochs * (steps * step_seconds + validation_seconds)
@@ -146,7 +171,7 @@ def measure_trial(cfg: Config, cache: Path, workdir: Path) -> dict[str, object]:
         "checkpoint": mean("checkpoint"),
         "mlflow": mean("mlflow"),
         "figures": mean("figures"),
-        "send": mean("send") - mean("bare"),
+        "send": mean("send") - mean("bare") - mean("upload_wait"),
         "report_other": mean("report") - mean("mlflow") - mean("figures") - mean("send"),
     }
     checkpoint_file = storage.kept[-1] / CHECKPOINT_FILE
@@ -165,13 +190,22 @@ def measure_trial(cfg: Config, cache: Path, workdir: Path) -> dict[str, object]:
         "wall_over_bare": round(wall / bare, 3),
         "overhead_share": round((wall - bare) / wall, 3),
         "setup_s": round(clock[0].get("setup", 0.0), 2),
-        "close_s": round(wall - sum(e.get("setup", 0.0) + e["epoch"] - e["bare"] for e in clock), 2),
-        "epoch_s": [round(e["epoch"] - e["bare"], 2) for e in clock],
+        "close_s": round(wall - sum(e.get("setup", 0.0) + _trial_seconds(e) for e in clock), 2),
+        "epoch_s": [round(_trial_seconds(e), 2) for e in clock],
         # The bare epoch timed after each of the trial's: how much this machine drifted.
         "bare_epoch_s": [round(steps * step + validation, 2) for step, validation in bare_runs],
         "per_epoch_s": {name: round(value, 3) for name, value in per_epoch.items()},
         "checkpoint_mb": round(checkpoint_file.stat().st_size / 2**20, 1),
+        "checkpoint_copy": "background" if storage.uploads is not None else "in the report",
+        # How long a background write and copy still ran after the report, per epoch (not in
+        # the overhead).
+        "copy_after_report_s": round(mean("upload_wait"), 3),
     }
+
+
+def _trial_seconds(epoch: dict[str, float]) -> float:
+    """An epoch of the trial, without the bare epoch and the copy wait timed inside its report."""
+    return epoch["epoch"] - epoch["bare"] - epoch["upload_wait"]
 
 
 class _BareEpoch:

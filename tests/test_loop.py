@@ -92,8 +92,8 @@ class _StopAfter(LocalReporter):
         super().__init__(out, **QUIET)
         self.stop_after = epochs
 
-    def report(self, metrics, checkpoint_dir, evaluation) -> None:
-        super().report(metrics, checkpoint_dir, evaluation)
+    def report(self, metrics, checkpoint, evaluation) -> None:
+        super().report(metrics, checkpoint, evaluation)
         if metrics["epoch"] == self.stop_after:
             raise KeyboardInterrupt
 

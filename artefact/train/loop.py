@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +32,7 @@ from artefact.losses import MultitaskLoss, class_weights
 from artefact.models import build_model, count_parameters, forward_gflop
 from artefact.report.figures import Evaluation
 from artefact.taxonomy import HEAD_CLASS_NAMES
-from artefact.train.checkpoint import CHECKPOINT_FILE, VAL_IMAGES_FILE, load_checkpoint, save_checkpoint
+from artefact.train.checkpoint import EpochCheckpoint, load_checkpoint
 from artefact.train.compilation import compiles
 from artefact.train.evaluation import Normaliser, validate
 from artefact.train.faults import planned_fault
@@ -184,19 +182,21 @@ def train(
         if score > best and ranks.rank == 0:
             evaluation = Evaluation(epoch + 1, {h: c.cpu().numpy() for h, c in confusion.items()}, predictions)
         best = max(best, score)
-        state = None
+        checkpoint = None
         if ranks.rank == 0:
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "best": best,
-                "gpu_seconds": gpu_seconds,
-            }
-        with _CheckpointFolder(state, per_image, clock) as checkpoint_dir, clock.phase("report"):
-            reporter.report(metrics, checkpoint_dir, evaluation)
+            with clock.phase("checkpoint"):
+                state = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch,
+                    "best": best,
+                    "gpu_seconds": gpu_seconds,
+                }
+                checkpoint = EpochCheckpoint(state, per_image)
+        with clock.phase("report"):
+            reporter.report(metrics, checkpoint, evaluation)
         clock.add("epoch", time.perf_counter() - started)
         clock.lap()
     return metrics
@@ -372,28 +372,3 @@ def _take(loader: DataLoader, steps: int, clock: EpochClock) -> Iterator:
         if batch is None:
             return
         yield batch
-
-
-class _CheckpointFolder:
-    """A temporary folder holding this epoch's checkpoint (rank 0) and its validation counts
-    per image (for the report's bootstrap over images), removed after reporting."""
-
-    def __init__(self, state: dict | None, per_image: np.ndarray, clock: EpochClock) -> None:
-        self.state = state
-        self.per_image = per_image
-        self.clock = clock
-        self.path: Path | None = None
-
-    def __enter__(self) -> Path | None:
-        if self.state is None:
-            return None
-        with self.clock.phase("checkpoint"):
-            self.path = Path(tempfile.mkdtemp(prefix="artefact-ckpt-"))
-            # Not fsync'd: the reporter copies it (Ray into the trial's storage) and it is deleted.
-            save_checkpoint(self.state, self.path / CHECKPOINT_FILE, durable=False)
-            np.save(self.path / VAL_IMAGES_FILE, self.per_image)
-        return self.path
-
-    def __exit__(self, *exc_info) -> None:
-        if self.path is not None:
-            shutil.rmtree(self.path, ignore_errors=True)

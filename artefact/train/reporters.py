@@ -25,7 +25,7 @@ from artefact.models import TRAINING_FLOP_FACTOR, resolve_encoder
 from artefact.report.figures import Evaluation, evaluation_figures
 from artefact.tracking.trials import TrialRun
 from artefact.tracking.vocabulary import STORE_PATIENCE_S, unless_store_is_away
-from artefact.train.checkpoint import CHECKPOINT_FILE, copy_atomic
+from artefact.train.checkpoint import CHECKPOINT_FILE, EpochCheckpoint, copy_atomic, save_checkpoint
 from artefact.train.loop import class_weight_table
 from artefact.train.timing import EpochClock
 from artefact.weights import weights_source
@@ -35,13 +35,13 @@ CLASS_WEIGHTS_FILE = "class_weights.csv"
 
 
 class Reporter(Protocol):
-    """Receives one epoch's metrics and, on rank 0, a folder holding its checkpoint and,
-    when the epoch is the best so far, its evaluation (for figures).
+    """Receives one epoch's metrics and, on rank 0, its checkpoint (to write where it keeps
+    checkpoints, if it does) and, when the epoch is the best so far, its evaluation (for
+    figures)."""
 
-    The folder is temporary: a reporter that wants to keep it must copy it before returning.
-    """
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, evaluation: Evaluation | None) -> None: ...
+    def report(
+        self, metrics: dict[str, float], checkpoint: EpochCheckpoint | None, evaluation: Evaluation | None
+    ) -> None: ...
 
 
 class LocalReporter:
@@ -59,7 +59,9 @@ class LocalReporter:
                 shutil.rmtree(out / folder, ignore_errors=True)
         self.best = json.loads(best_file.read_text())[metric] if best_file.is_file() else -math.inf
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, evaluation: Evaluation | None) -> None:
+    def report(
+        self, metrics: dict[str, float], checkpoint: EpochCheckpoint | None, evaluation: Evaluation | None
+    ) -> None:
         self.history.append(metrics)
         self.log(
             f"epoch {int(metrics['epoch'])}: train/loss {metrics['train/loss']:.4f}  val/loss {metrics['val/loss']:.4f}"
@@ -68,12 +70,12 @@ class LocalReporter:
         )
         if evaluation is not None:
             evaluation_figures(evaluation, self.out / "figures")
-        if checkpoint_dir is None:
+        if checkpoint is None:
             return
-        copy_atomic(checkpoint_dir / CHECKPOINT_FILE, self.out / "latest" / CHECKPOINT_FILE)
+        latest = save_checkpoint(checkpoint.state, self.out / "latest" / CHECKPOINT_FILE)
         if metrics[self.metric] > self.best:
             self.best = metrics[self.metric]
-            copy_atomic(checkpoint_dir / CHECKPOINT_FILE, self.out / "best" / CHECKPOINT_FILE)
+            copy_atomic(latest, self.out / "best" / CHECKPOINT_FILE)
             (self.out / "best" / "metric.json").write_text(
                 json.dumps({self.metric: self.best, "epoch": metrics["epoch"]})
             )
@@ -102,8 +104,8 @@ def trial_params(cfg: Config) -> dict[str, object]:
     }
 
 
-Send = Callable[[dict[str, float], Path | None], None]
-"""Hands one epoch's metrics and checkpoint folder to Ray (Train or Tune)."""
+Send = Callable[[dict[str, float], EpochCheckpoint | None], None]
+"""Hands one epoch's metrics and checkpoint to Ray (Train or Tune)."""
 
 
 FIGURE_INTERVAL_S = 60.0
@@ -132,7 +134,9 @@ class TrialReporter:
         self.drawn_at = -math.inf if cfg.sweep.stops_trials_early else time.monotonic()
         self.last_metrics: dict[str, float] = {}
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, evaluation: Evaluation | None) -> None:
+    def report(
+        self, metrics: dict[str, float], checkpoint: EpochCheckpoint | None, evaluation: Evaluation | None
+    ) -> None:
         self.last_metrics = metrics
         # MLflow goes first: Tune may stop the trial inside the report (ASHA, or its last
         # epoch), and nothing after it would run. A retried epoch is not logged twice
@@ -149,7 +153,7 @@ class TrialReporter:
             with self.clock.phase("mlflow"):
                 self.run.log_epoch(metrics, step=int(metrics["epoch"]))
         with self.clock.phase("send"):
-            self.send(metrics, checkpoint_dir)
+            self.send(metrics, checkpoint)
 
     def describe(self) -> None:
         """The resolved config, the model summary and the loss's class weights, logged once."""
