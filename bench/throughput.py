@@ -68,7 +68,8 @@ def bare_step(
     compile_model: bool = False,
 ) -> Callable[[], None]:
     """The baseline's training step: the same model, loss and AMP, on one batch already on
-    the device; forward, backward and an AdamW step, nothing else."""
+    the device; forward, backward, the recipe's gradient clipping and an AdamW step, nothing
+    else."""
     device = select_device(cfg.train.device)
     configure_kernels(device)
     batch = batch_size or cfg.train.batch_size
@@ -92,6 +93,8 @@ def bare_step(
         loss, _ = criterion(outputs, targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         scaler.step(optimizer)
         scaler.update()
 
