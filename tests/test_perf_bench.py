@@ -148,7 +148,7 @@ def test_quick_benchmark_writes_every_field(tmp_path: Path) -> None:
         "send",
         "report_other",
     }
-    assert trial["per_epoch_s"]["figures"] > 0  # drawn at the last epoch (and the first: ASHA)
+    assert trial["per_epoch_s"]["figures"] > 0  # drawn at the last epoch
     # v100s-x2 trains under Ray Train, which copies checkpoints in the background, as the item does.
     assert trial["checkpoint_copy"] == "background" and trial["checkpoint_mb"] > 0
     # Every target with a measured value is checked and printed.

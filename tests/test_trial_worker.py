@@ -1,5 +1,5 @@
 """A trial's reporter against a real MLflow store: the best epoch's figures are drawn at most
-every FIGURE_INTERVAL_S and at the last epoch, and at the first epoch where ASHA may stop
+every FIGURE_INTERVAL_S, at the last epoch, and before each report at which ASHA may stop
 the trial; the class-weights table and the loss params are logged."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from artefact.taxonomy import HEAD_CLASS_NAMES
 from artefact.tracking.store import open_sweep
 from artefact.tracking.trials import TrialRun
 from artefact.train.compilation import compile_cache_folder
-from artefact.train.reporters import CLASS_WEIGHTS_FILE, EVALUATION_FOLDER, TrialReporter, trial_params
+from artefact.train.reporters import CLASS_WEIGHTS_FILE, EVALUATION_FOLDER, TrialReporter, asha_rungs, trial_params
 from artefact.tune.trial import TrialContext
 from artefact.tune.worker import _train_and_report
 
@@ -36,7 +36,8 @@ def _epoch(epoch: int) -> tuple[dict[str, float], Evaluation]:
 @pytest.mark.parametrize(
     ("sweep", "drawn_at_epochs"),
     [
-        ({"mode": "search", "scheduler": "asha"}, [1, 4]),  # ASHA may stop it after epoch 1
+        ({"mode": "search", "scheduler": "asha"}, [1, 2, 4]),  # ASHA's rungs: epochs 1, 2 (and 4)
+        ({"mode": "search", "scheduler": "asha", "grace_period": 3}, [3, 4]),
         ({"mode": "search", "scheduler": "none"}, [4]),
         ({"mode": "fair", "scheduler": "asha"}, [4]),  # fair sweeps never stop a trial early
     ],
@@ -57,6 +58,29 @@ def test_figures_are_drawn_at_the_last_epoch_not_at_every_improving_one(
     folders = [info.path for info in MlflowClient(uri).list_artifacts(run.run_id, EVALUATION_FOLDER)]
     assert folders == [f"{EVALUATION_FOLDER}/epoch_{epoch:03d}" for epoch in drawn_at_epochs]
     assert sent == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("epochs", "grace_period", "reduction_factor"),
+    [(50, 5, 3), (8, 2, 2), (9, 1, 3), (16, 2, 2), (4, 9, 2), (100, 3, 4)],
+)
+def test_the_figures_rungs_are_the_ones_ray_stops_trials_at(
+    epochs: int, grace_period: int, reduction_factor: int
+) -> None:
+    from artefact.tune.tuner import asha_scheduler
+
+    cfg = Config().replace(
+        train={"epochs": epochs},
+        sweep={
+            "mode": "search",
+            "scheduler": "asha",
+            "grace_period": grace_period,
+            "reduction_factor": reduction_factor,
+        },
+    )
+    scheduler = asha_scheduler(cfg)
+    milestones = {milestone for milestone, _ in scheduler._brackets[0]._rungs if milestone < epochs}
+    assert asha_rungs(cfg) == milestones
 
 
 def test_the_class_weights_table_and_loss_params_are_logged(tmp_path: Path) -> None:

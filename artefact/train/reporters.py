@@ -109,11 +109,24 @@ Send = Callable[[dict[str, float], EpochCheckpoint | None], None]
 
 
 FIGURE_INTERVAL_S = 60.0
-"""Least time between two drawings of a trial's best-epoch figures, which cost seconds of
-CPU each (docs/performance.md). They are also drawn at the last epoch and, best effort, when
-the trial ends otherwise. Where ASHA may stop the trial, they are drawn at the first epoch
-too: a stopped trial may end before its best-effort drawing runs, and would then have no
-figures at all. Elsewhere the interval counts from the trial's start."""
+"""Least time between two drawings of a trial's best-epoch figures, which cost most of a
+second of CPU each (docs/performance.md), counted from the trial's start. They are also
+drawn at the last epoch, before each report at which ASHA may stop the trial (a stopped
+trial may end before its best-effort drawing runs, and would then have no figures of its
+best epoch), and, best effort, when the trial ends otherwise."""
+
+
+def asha_rungs(cfg: Config) -> frozenset[int]:
+    """The epochs before the last at whose report ASHA may stop a trial of ``cfg``: its rungs,
+    grace_period x reduction_factor^k, as the sweep's ``ASHAScheduler`` places them (a test
+    checks Ray's); none where nothing stops trials early."""
+    if not cfg.sweep.stops_trials_early:
+        return frozenset()
+    rungs, rung = set(), min(cfg.sweep.grace_period, cfg.train.epochs)
+    while rung < cfg.train.epochs:
+        rungs.add(rung)
+        rung *= cfg.sweep.reduction_factor
+    return frozenset(rungs)
 
 
 class TrialReporter:
@@ -131,7 +144,8 @@ class TrialReporter:
         self.cache = cache
         self.described = False
         self.pending: Evaluation | None = None
-        self.drawn_at = -math.inf if cfg.sweep.stops_trials_early else time.monotonic()
+        self.drawn_at = time.monotonic()
+        self.rungs = asha_rungs(cfg)
         self.last_metrics: dict[str, float] = {}
 
     def report(
@@ -143,15 +157,16 @@ class TrialReporter:
         # (``TrialRun.log_epoch``).
         if self.run is not None:
             self.pending = evaluation or self.pending
-            last_epoch = int(metrics["epoch"]) >= self.cfg.train.epochs
+            epoch = int(metrics["epoch"])
+            last_epoch = epoch >= self.cfg.train.epochs
             if not self.described:
                 with self.clock.phase("mlflow"):
                     self.described = unless_store_is_away(self.describe)
-            if last_epoch or time.monotonic() - self.drawn_at >= FIGURE_INTERVAL_S:
+            if last_epoch or epoch in self.rungs or time.monotonic() - self.drawn_at >= FIGURE_INTERVAL_S:
                 with self.clock.phase("figures"):
                     unless_store_is_away(self.draw_figures)
             with self.clock.phase("mlflow"):
-                self.run.log_epoch(metrics, step=int(metrics["epoch"]))
+                self.run.log_epoch(metrics, step=epoch)
         with self.clock.phase("send"):
             self.send(metrics, checkpoint)
 

@@ -94,22 +94,24 @@ class ResumableOptunaSearch(OptunaSearch):
             pass
 
 
+def asha_scheduler(cfg: Config) -> ASHAScheduler:
+    """Stops a trial at its rungs (epochs grace_period x reduction_factor^k) when it is not
+    among the best 1/reduction_factor there; its figures are drawn before them (``asha_rungs``)."""
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=cfg.train.epochs,
+        grace_period=min(cfg.sweep.grace_period, cfg.train.epochs),
+        reduction_factor=cfg.sweep.reduction_factor,
+    )
+
+
 def _tune_config(cfg: Config, sweep_dir: Path, name: str, concurrency: int) -> tune.TuneConfig:
     sweep = cfg.sweep
     if sweep.mode == "fair":
         return tune.TuneConfig(
             num_samples=1, scheduler=FIFOScheduler(), max_concurrent_trials=concurrency, reuse_actors=in_process(cfg)
         )
-    scheduler = (
-        ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=cfg.train.epochs,
-            grace_period=min(sweep.grace_period, cfg.train.epochs),
-            reduction_factor=sweep.reduction_factor,
-        )
-        if sweep.stops_trials_early
-        else FIFOScheduler()
-    )
+    scheduler = asha_scheduler(cfg) if sweep.stops_trials_early else FIFOScheduler()
     # Several objectives: Optuna's multi-objective TPE gets each trial's last epoch on all of
     # them; Tune itself still ranks checkpoints by sweep.metric.
     objectives = [OBJECTIVES[name] for name in sweep.objectives]
