@@ -92,7 +92,7 @@ class EpochCheckpoint:
 
     Writing ConvNeXt-T's 365 MB took 0.5-0.7 s of the CPU and copying the state 0.03 s
     (docs/performance.md), so a reporter that can write it in the background does
-    (``send_to_train``)."""
+    (``send_to_train``); until then it holds host memory the size of the state."""
 
     def __init__(self, state: dict[str, Any], per_image: np.ndarray) -> None:
         self.state = _host_copy(state)
