@@ -19,19 +19,9 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int)
     the GPU to learn its output's size (3.5x faster on the CPU too, docs/performance.md).
     """
     cells = num_classes * num_classes
-    index = torch.where(target != IGNORE_INDEX, target.long() * num_classes + pred.long(), cells)
-    return occurrences(index, cells + 1)[:cells].reshape(num_classes, num_classes)
-
-
-def class_pixel_counts(target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Labelled pixels per class of a label map."""
-    return occurrences(torch.where(target != IGNORE_INDEX, target.long(), num_classes), num_classes + 1)[:num_classes]
-
-
-def occurrences(index: torch.Tensor, bins: int) -> torch.Tensor:
-    """How often each value in ``range(bins)`` occurs in ``index``, as exact integers."""
-    flat = index.flatten()
-    return torch.zeros(bins, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+    index = torch.where(target != IGNORE_INDEX, target.long() * num_classes + pred.long(), cells).flatten()
+    counts = torch.zeros(cells + 1, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
+    return counts[:cells].reshape(num_classes, num_classes)
 
 
 def iou_per_class(confusion: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from artefact.losses import MultitaskLoss, class_weights, dice_loss, focal_loss
-from artefact.metrics import class_pixel_counts, confusion_matrix, iou_per_class, mean_iou
+from artefact.metrics import confusion_matrix, iou_per_class, mean_iou
 
 IGNORE = 255
 
@@ -268,8 +268,3 @@ def test_the_dice_loss_counts_a_class_of_millions_of_pixels_exactly() -> None:
     logits = torch.zeros(1, 3, 4000, 3000, requires_grad=True)
     target = torch.zeros(1, 4000, 3000, dtype=torch.long)
     assert dice_loss(logits, target).item() == pytest.approx(0.5, abs=1e-6)
-
-
-def test_class_pixel_counts_are_exact_and_skip_unlabelled_pixels() -> None:
-    target = torch.tensor([[[0, 2, 2], [IGNORE, 2, 1]]])
-    assert class_pixel_counts(target, 4).tolist() == [1, 1, 3, 0]
