@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic writes, weights_only loading, clear errors for corrupt files."""
+"""Checkpoint files: atomic writes, weights_only loading, clear errors for corrupt files, and
+an epoch's checkpoint taken before it is written."""
 
 from __future__ import annotations
 
@@ -6,11 +7,19 @@ import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from artefact.errors import UserError
-from artefact.train.checkpoint import copy_atomic, load_checkpoint, save_checkpoint
+from artefact.train.checkpoint import (
+    CHECKPOINT_FILE,
+    VAL_IMAGES_FILE,
+    EpochCheckpoint,
+    copy_atomic,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 MARKER = "pwned"
 
@@ -90,3 +99,22 @@ def test_arbitrary_objects_are_refused_not_executed(tmp_path: Path, writer: str)
     if writer == "pickle":
         pickle.loads(path.read_bytes())
         assert marker.exists()
+
+
+def test_an_epoch_checkpoint_holds_the_state_as_it_was_when_taken(tmp_path: Path) -> None:
+    """Written later (in Ray Train's upload thread), it holds the state of its epoch, not
+    that of the steps trained since, and a module's state dict keeps its version metadata."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 1, 4, 4)).sum().backward()
+    optimizer.step()
+    taken = {name: value.clone() for name, value in model.state_dict().items()}
+    checkpoint = EpochCheckpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, np.zeros(3))
+    model(torch.randn(2, 1, 4, 4)).sum().backward()
+    optimizer.step()  # training goes on, in place
+
+    state = load_checkpoint(checkpoint.write(tmp_path) / CHECKPOINT_FILE)
+    assert all(torch.equal(state["model"][name], value) for name, value in taken.items())
+    assert not torch.equal(state["model"]["0.weight"], model.state_dict()["0.weight"])
+    assert state["model"]._metadata["1"]["version"] == model.state_dict()._metadata["1"]["version"]
+    assert np.load(tmp_path / VAL_IMAGES_FILE).tolist() == [0.0, 0.0, 0.0]

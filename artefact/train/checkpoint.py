@@ -100,9 +100,11 @@ class EpochCheckpoint:
 
     def write(self, folder: Path) -> Path:
         """``CHECKPOINT_FILE`` and ``VAL_IMAGES_FILE`` in ``folder``, not fsync'd: whoever keeps
-        them copies them (Ray into the trial's storage)."""
+        them copies them (Ray into the trial's storage). A checkpoint is written once: its
+        host copies are let go here, not when Ray is done with the report."""
         save_checkpoint(self.state, folder / CHECKPOINT_FILE, durable=False)
         np.save(folder / VAL_IMAGES_FILE, self.per_image)
+        self.state = {}
         return folder
 
     @contextmanager
@@ -118,8 +120,11 @@ class EpochCheckpoint:
 def _host_copy(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {key: _host_copy(item) for key, item in value.items()}
+    if isinstance(value, dict):  # a module's state dict keeps its class and version metadata
+        copied = type(value)((key, _host_copy(item)) for key, item in value.items())
+        if hasattr(value, "_metadata"):
+            copied._metadata = value._metadata
+        return copied
     if isinstance(value, list | tuple):
         return type(value)(_host_copy(item) for item in value)
     return value

@@ -47,7 +47,11 @@ def send_to_train(metrics: dict[str, float], checkpoint: EpochCheckpoint | None)
             raise
 
     local = ray.train.Checkpoint.from_directory(str(folder))
-    ray.train.report(metrics, checkpoint=local, checkpoint_upload_mode=mode, checkpoint_upload_fn=write_and_copy)
+    try:
+        ray.train.report(metrics, checkpoint=local, checkpoint_upload_mode=mode, checkpoint_upload_fn=write_and_copy)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def send_to_tune(metrics: dict[str, float], checkpoint: EpochCheckpoint | None) -> None:
