@@ -100,11 +100,9 @@ class EpochCheckpoint:
 
     def write(self, folder: Path) -> Path:
         """``CHECKPOINT_FILE`` and ``VAL_IMAGES_FILE`` in ``folder``, not fsync'd: whoever keeps
-        them copies them (Ray into the trial's storage). A checkpoint is written once: its
-        host copies are let go here, not when Ray is done with the report."""
+        them copies them (Ray into the trial's storage)."""
         save_checkpoint(self.state, folder / CHECKPOINT_FILE, durable=False)
         np.save(folder / VAL_IMAGES_FILE, self.per_image)
-        self.state = {}
         return folder
 
     @contextmanager

@@ -197,6 +197,7 @@ def train(
                 checkpoint = EpochCheckpoint(state, per_image)
         with clock.phase("report"):
             reporter.report(metrics, checkpoint, evaluation)
+        checkpoint = None  # its host copies go once the reporter is done with them
         clock.add("epoch", time.perf_counter() - started)
         clock.lap()
     return metrics

@@ -37,14 +37,17 @@ def send_to_train(metrics: dict[str, float], checkpoint: EpochCheckpoint | None)
         return
     folder = Path(tempfile.mkdtemp(prefix="artefact-ckpt-"))
     storage = ray.train.get_context().get_storage()
+    held = [checkpoint]  # let go once copied: Train keeps this function until Tune has the report
 
     def write_and_copy(local: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
-        try:
-            checkpoint.write(folder)
-            return storage.persist_current_checkpoint(local, name)
+        try:  # Train may call it again if the copy fails (object stores' throttling)
+            held[0].write(folder)
+            persisted = storage.persist_current_checkpoint(local, name)
         except BaseException:  # Train deletes the folder only after a copy that worked
             shutil.rmtree(folder, ignore_errors=True)
             raise
+        held.clear()
+        return persisted
 
     local = ray.train.Checkpoint.from_directory(str(folder))
     try:
