@@ -7,12 +7,14 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,17 @@ BENCH = REPO / "sweeps" / "encoder_bench.py"
 TRIAL_ACTORS = ("ImplicitFunc", "TrialDriver")
 """Tune's actor class for a function trial: reused (``in_process``), or one per trial and
 named after it (``ray_train``)."""
+
+
+def sqlite_experiment_made(store: Path, name: str) -> bool:
+    """Whether a sweep has made its experiment in the SQLite store: until then it may still be
+    creating the store's tables, and an MLflow client opened here would create them too and
+    make the sweep fail ("table ... already exists"). Read only, so it creates nothing."""
+    try:
+        with closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT 1 FROM experiments WHERE name = ?", (name,)).fetchone() is not None
+    except sqlite3.OperationalError:  # no file yet, or no table yet
+        return False
 
 
 def import_script(name: str, folder: str = "sweeps"):

@@ -28,6 +28,7 @@ from sweep_helpers import (
     bench_command,
     kill_process_tree,
     ray_cluster_processes,
+    sqlite_experiment_made,
     start_mlflow_server,
     sweep_runs,
 )
@@ -243,6 +244,8 @@ OUTAGE_S = 15
 
 def _logged_epochs(uri: str, sweep: str) -> int:
     """Epochs logged so far by the sweep's trials (0 while the sweep has none)."""
+    if uri.startswith("sqlite:///") and not sqlite_experiment_made(Path(uri.removeprefix("sqlite:///")), sweep):
+        return 0
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(sweep)
     if experiment is None:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from image_checks import assert_drawn
 from mlflow.tracking import MlflowClient
-from sweep_helpers import bench_command, kill_process_tree, run_bench, sweep_runs
+from sweep_helpers import bench_command, kill_process_tree, run_bench, sqlite_experiment_made, sweep_runs
 
 from artefact.report.figures import CONFUSION_SIZE, CURVES_SIZE, HEATMAP_SIZE, SCATTER_SIZE
 from artefact.train.evaluation import PREDICTION_IMAGES
@@ -168,6 +168,8 @@ def test_ray_dashboard_answers_on_loopback_with_the_token_while_the_sweep_runs(d
 
 
 def _trial_runs(store: Path, sweep: str) -> list:
+    if not sqlite_experiment_made(store, sweep):
+        return []
     client = MlflowClient(f"sqlite:///{store}")
     experiment = client.get_experiment_by_name(sweep)
     if experiment is None:
